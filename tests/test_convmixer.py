@@ -1,0 +1,124 @@
+"""ConvMixer: the paper's sizes, BatchNorm behaviour, and equal depthwise formulations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from etcjax import models
+from etcjax.models import convmixer
+
+
+def _param_count(name, size):
+  model = models.create(name, 10)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+def test_paper_sizes():
+  assert _param_count("ConvMixer-256_8", 32) == 706_570  # 0.71 M
+  assert _param_count("ConvMixer-384_8", 224) == 1_470_346  # 1.47 M
+
+
+def test_config_table():
+  assert convmixer.get_config("ConvMixer-256_8") == dict(dim=256, depth=8, kernel_size=9,
+                                                         patch_size=1)
+  assert convmixer.get_config("ConvMixer-384_8")["patch_size"] == 4
+  with pytest.raises(ValueError, match="ConvMixer-256_8"):
+    convmixer.get_config("ConvMixer-1_1")
+
+
+def _tiny(**kw):
+  return models.create("ConvMixer-tiny-test", 4, **kw)
+
+
+def _images(n=4, size=8):
+  return jax.random.uniform(jax.random.key(1), (n, size, size, 3), minval=-1, maxval=1)
+
+
+def test_parameter_layout_and_batch_stats():
+  variables = _tiny().init(jax.random.key(0), _images(), train=False)
+  p = variables["params"]
+  assert p["patch_embed"]["kernel"].shape == (2, 2, 3, 16)
+  assert p["mixer_1"]["depthwise"]["kernel"].shape == (3, 3, 1, 16)
+  assert p["mixer_1"]["pointwise"]["kernel"].shape == (16, 16)
+  assert p["head"]["kernel"].shape == (16, 4)
+  assert variables["batch_stats"]["mixer_0"]["norm_dw"]["mean"].shape == (16,)
+
+
+def test_training_updates_batch_stats_with_pytorch_momentum():
+  model = _tiny()
+  variables = model.init(jax.random.key(0), _images(), train=False)
+  logits, updates = model.apply(variables, _images(), train=True, mutable=["batch_stats"])
+  assert logits.shape == (4, 4) and logits.dtype == jnp.float32
+  # One step from mean 0 with momentum 0.1 (PyTorch convention): new = 0.1 * batch mean.
+  new_mean = updates["batch_stats"]["patch_norm"]["mean"]
+  conv = jax.lax.conv_general_dilated(
+      _images(), variables["params"]["patch_embed"]["kernel"], (2, 2), "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC")) + variables["params"]["patch_embed"]["bias"]
+  batch_mean = jnp.mean(jax.nn.gelu(conv, approximate=False), axis=(0, 1, 2))
+  np.testing.assert_allclose(new_mean, 0.1 * batch_mean, rtol=1e-5, atol=1e-6)
+  # Evaluation uses the running statistics and is deterministic.
+  a = model.apply(variables, _images(), train=False)
+  b = model.apply(variables, _images(), train=False)
+  np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("impl", [i for i in convmixer.DEPTHWISE_IMPLS if i != "conv"])
+@pytest.mark.parametrize("k,shape", [(9, (2, 12, 12, 8)), (3, (1, 5, 7, 4)), (4, (2, 6, 6, 3))])
+def test_depthwise_formulations_match_xla_grouped_conv(impl, k, shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (k, k, 1, shape[-1])) / k
+  g = jax.random.normal(jax.random.key(2), shape)
+  fn = convmixer.DEPTHWISE_FUNCTIONS[convmixer.resolve_depthwise_impl(impl)]
+
+  def loss(f, x, w):
+    return jnp.sum(f(x, w) * g)
+
+  np.testing.assert_allclose(fn(x, w), convmixer.depthwise_conv(x, w), rtol=1e-5, atol=1e-5)
+  got = jax.grad(lambda x, w: loss(fn, x, w), argnums=(0, 1))(x, w)
+  ref = jax.grad(lambda x, w: loss(convmixer.depthwise_conv, x, w), argnums=(0, 1))(x, w)
+  for a, b in zip(got, ref, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_matches_a_direct_sum():
+  x = np.random.default_rng(0).normal(size=(1, 5, 5, 2)).astype(np.float32)
+  w = np.random.default_rng(1).normal(size=(3, 3, 1, 2)).astype(np.float32)
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ref = sum(xp[:, i:i + 5, j:j + 5, :] * w[i, j, 0] for i in range(3) for j in range(3))
+  np.testing.assert_allclose(convmixer.depthwise_conv(x, w), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_whole_model_is_the_same_with_every_formulation():
+  variables = _tiny(depthwise_impl="conv").init(jax.random.key(0), _images(), train=False)
+  ref = _tiny(depthwise_impl="conv").apply(variables, _images(), train=False)
+  for impl in convmixer.DEPTHWISE_IMPLS:
+    np.testing.assert_allclose(_tiny(depthwise_impl=impl).apply(variables, _images()), ref,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_impl_and_option_are_errors():
+  with pytest.raises(ValueError, match="depthwise_impl"):
+    _tiny(depthwise_impl="fft").init(jax.random.key(0), _images())
+  with pytest.raises(ValueError, match="unknown option"):
+    models.create("ConvMixer-tiny-test", 4, widht=3)
+  with pytest.raises(ValueError, match="ViT-B_16"):
+    models.create("ConvMixer-9_9", 4)
+
+
+def test_bfloat16_compute():
+  model = _tiny(dtype="bfloat16")
+  variables = model.init(jax.random.key(0), _images(), train=False)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+  lo = model.apply(variables, _images(), train=False)
+  hi = _tiny().apply(variables, _images(), train=False)
+  assert lo.dtype == jnp.float32
+  np.testing.assert_allclose(lo, hi, atol=0.05 * float(jnp.abs(hi).max()) + 0.02)
+
+
+def test_preprocess_maps_to_symmetric_range():
+  assert models.input_range("ConvMixer-256_8") == (-1.0, 1.0)
+  np.testing.assert_allclose(models.preprocess("ConvMixer-256_8")(jnp.array([0.0, 1.0])),
+                             [-1.0, 1.0])
