@@ -367,3 +367,35 @@ def test_worker_status_without_setup_and_setup_dry_run(tmp_path):
                       f"{LAUNCH}/..", "jax[tpu]"]
   assert cmds[-2][:2] == [f"{venv}/bin/python", "-c"]
   assert cmds[-1] == ["touch", f"{venv}/.etcjax-ready"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="the Google Cloud SDK is not installed")
+def test_gcloud_parses_every_printed_command(tmp_path):
+  """The real gcloud accepts every printed command's flags: with an empty config and no
+  credentials it gets as far as asking for an account, and no further."""
+  key = tmp_path / "k.key"
+  key.write_bytes(b"0" * 32)
+  printed = [
+      *dry_run("create.sh", *TPU, "--accelerator-type=v4-32", "--spot"),
+      *dry_run("create.sh", *TPU, "--accelerator-type=v5litepod-8", "--preemptible", "--async"),
+      *dry_run("setup.sh", *TPU),
+      *dry_run("train.sh", *TPU, "--bucket=gs://b", "--run=r", "--config=c.py",
+               f"--key-file={key}"),
+      *dry_run("logs.sh", *TPU, "--run=r"),
+      *dry_run("status.sh", *TPU, "--run=r"),
+      *dry_run("stop.sh", *TPU, "--run=r"),
+      *dry_run("delete.sh", *TPU, "--yes", "--async"),
+      *dry_run("supervise.sh", *SUPERVISE),
+  ]
+  env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+         "CLOUDSDK_CORE_CHECK_GCE_METADATA": "false", "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+  checked = set()
+  for cmd in printed:
+    if cmd[0] != "gcloud" or tuple(cmd) in checked:
+      continue
+    checked.add(tuple(cmd))
+    proc = subprocess.run([*cmd, "--project=etcjax-test-no-such-project"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert "do not currently have an active account" in proc.stderr, (cmd, proc.stderr)
+  assert len(checked) >= 10
