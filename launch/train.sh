@@ -26,8 +26,9 @@ Options:
   --config CONFIG       config file in the checkout, e.g. configs/vit_imagenette.py
                         (a config argument goes after a colon: configs/x.py:arg)
   --workdir DIR         default: gs://BUCKET/etcjax/runs/RUN
-  --data-dir DIR        TFDS_DATA_DIR for the run (default: gs://BUCKET/tensorflow_datasets;
-                        prepare it once with \`tfds build\` or let the first run download)
+  --data-dir DIR        TFDS data dir (config.data_dir and TFDS_DATA_DIR) for the run
+                        (default: gs://BUCKET/tensorflow_datasets; prepare it once with
+                        \`tfds build\`, or let the first run download into it)
   --key-file FILE       a local EtC key file (researcher mode): copied to every worker
                         as ~/etcjax-keys/RUN.key (mode 0600) and passed as
                         --config.key_file. Never put keys in the bucket.
@@ -77,7 +78,7 @@ if [[ $workdir != gs://* ]]; then
     "own local copy and the checkpoints are lost with the VM"
 fi
 
-main_args=(--config="$config" --workdir="$workdir")
+main_args=(--config="$config" --workdir="$workdir" --config.data_dir="$data_dir")
 if [[ -n $key_file ]]; then
   [[ -f $key_file || $ETCJAX_DRY_RUN == 1 ]] || etcjax_die "--key-file $key_file: no such file"
   etcjax_note "copy the key to every worker (mode 0600)"

@@ -151,7 +151,8 @@ def test_train_dry_run_quotes_main_args():
   assert cmd[:-1] == GCLOUD_SSH + ["--worker=all"]
   assert remote(cmd) == WORKER + [
       "start", "vit1", "--data-dir", "gs://my-bkt/tensorflow_datasets", "--",
-      "--config=configs/vit_imagenette.py", "--workdir=gs://my-bkt/etcjax/runs/vit1", *tricky]
+      "--config=configs/vit_imagenette.py", "--workdir=gs://my-bkt/etcjax/runs/vit1",
+      "--config.data_dir=gs://my-bkt/tensorflow_datasets", *tricky]
 
 
 def test_train_dry_run_key_file(tmp_path):
@@ -165,7 +166,8 @@ def test_train_dry_run_key_file(tmp_path):
   assert remote(cmds[2]) == ["chmod", "600", "etcjax-keys/r.key"]
   assert remote(cmds[3]) == WORKER + [
       "start", "r", "--data-dir", "gs://data/tfds", "--", "--config=configs/c.py:arg",
-      "--workdir=gs://other/w", "--config.key_file=../etcjax-keys/r.key"]
+      "--workdir=gs://other/w", "--config.data_dir=gs://data/tfds",
+      "--config.key_file=../etcjax-keys/r.key"]
   # The key's bytes never appear in the printed commands.
   assert all(b"\0" not in " ".join(c).encode() for c in cmds)
 
