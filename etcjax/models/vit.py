@@ -303,3 +303,16 @@ def unscan_params(params: Mapping[str, Any]) -> dict[str, Any]:
       encoder[f"encoderblock_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
   params["Transformer"] = encoder
   return params
+
+
+def load_pretrained(path: str, model_config: Any, image_size: int | tuple[int, int],
+                    num_classes: int) -> dict[str, Any]:
+  """Loads a local pretrained checkpoint; see `etcjax.checkpoints.load_pretrained`.
+
+  Accepts vision_transformer / big_vision `.npz` and timm / Hugging Face `.safetensors` files,
+  resamples the position embedding to `image_size`, keeps or drops `pre_logits` following
+  `model_config.representation_size` and keeps the head only when it has `num_classes`.
+  """
+  from etcjax import checkpoints  # Imported here: checkpoints imports this module.
+
+  return checkpoints.load_pretrained(path, model_config, image_size, num_classes)
