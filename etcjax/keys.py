@@ -317,15 +317,15 @@ class EtcKey:
           f"key file {path} has mode {mode:04o}, so users other than its owner can read or "
           f"change it; run `chmod 600 {path}` (or pass force=True / --force-key)")
     try:
-      with open(path, encoding="utf-8") as f:
-        text = f.read(4096)
-    except (OSError, UnicodeDecodeError) as e:
-      raise UserError(f"cannot read key file {path}: {getattr(e, 'strerror', None) or e}"
-                      ) from None
+      with open(path, "rb") as f:
+        raw_text = f.read(4096)
+    except OSError as e:
+      raise UserError(f"cannot read key file {path}: {e.strerror or e}") from None
     try:
-      doc = json.loads(text)
+      # Error details could quote file content, so they are not passed on.
+      doc = json.loads(raw_text.decode("utf-8"))
       ok = isinstance(doc, dict) and doc.get("format") == KEY_FILE_FORMAT
-    except ValueError:
+    except ValueError:  # includes UnicodeDecodeError
       ok = False
     if not ok:
       raise UserError(f"{path} is not an etcjax key file")
