@@ -11,7 +11,7 @@ Usage: launch/status.sh --name NAME --zone ZONE [--run RUN] [options]
 
 Print the TPU VM's state (READY, CREATING, PREEMPTED, ...), health and type, and with
 --run one line per worker: "etcjax-status RUN HOST STATE", STATE one of NOSETUP, NONE,
-RUNNING, DONE, STOPPED, FAILED:CODE, INTERRUPTED.
+RUNNING, DONE, STOPPED, PREEMPTED, FAILED:CODE, INTERRUPTED (worker.sh --help).
 
 Options:
   --run RUN   the run name given to launch/train.sh

@@ -21,7 +21,8 @@ Every --poll seconds, look at the TPU VM and the run on its workers and act:
   run RUNNING everywhere   wait
   run DONE everywhere      exit 0 (the VM is kept: launch/delete.sh)
   run FAILED somewhere     stop it everywhere and start again, at most N times
-  otherwise (INTERRUPTED, STOPPED, NONE: e.g. the VM restarted)  start the run (resumes)
+  otherwise (PREEMPTED, INTERRUPTED, STOPPED, NONE: e.g. a maintenance event or a VM
+                           restart)  start the run again (it resumes)
   VM in another state      wait (CREATING, RESTARTING, ...); STOPPED: exit 1
 
 Create options (launch/create.sh): --accelerator-type --version --spot --preemptible
@@ -193,13 +194,13 @@ while true; do
           exit 1
         fi
         attempt do_stop do_train
-      elif [[ ! $states =~ (NONE|STOPPED|INTERRUPTED|RUNNING) ]]; then
+      elif [[ ! $states =~ (NONE|STOPPED|PREEMPTED|INTERRUPTED|RUNNING) ]]; then
         etcjax_note "run $run is done; the VM is still up (launch/delete.sh)"
         exit 0
-      elif [[ $states =~ RUNNING && ! $states =~ (NONE|STOPPED|INTERRUPTED) ]]; then
+      elif [[ $states =~ RUNNING && ! $states =~ (NONE|STOPPED|PREEMPTED|INTERRUPTED) ]]; then
         :  # going
       else
-        # Some or all workers lost their process (VM restart, maintenance): restart them
+        # Some or all workers lost their process (SIGTERM, VM restart): restart them
         # all together so that every host resumes from the same checkpoint.
         attempt do_stop do_train
       fi

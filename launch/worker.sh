@@ -23,6 +23,7 @@ Commands:
   status RUN
       Print one line "etcjax-status RUN HOST STATE", STATE one of NOSETUP (no
       environment), NONE (never started), RUNNING, DONE (exit 0), STOPPED (by 'stop'),
+      PREEMPTED (SIGTERM from elsewhere: saved a checkpoint and exited with 143),
       FAILED:CODE, INTERRUPTED (no exit code: the VM restarted or the process was killed).
   logs RUN [--lines N] [--follow]
       Print the last N (default 100) lines of the run's log; --follow keeps tailing.
@@ -130,6 +131,9 @@ case $cmd in
     echo "etcjax: started $run on $(hostname), log $logs/$run.log"
     ;;
   _run)
+    # 'stop' signals the whole group: this wrapper must outlive python to record its
+    # exit code. A handler (unlike ignoring the signal) is reset for python at exec.
+    trap 'echo "etcjax: SIGTERM: waiting for the run to save and exit"' TERM
     # The detached body of 'start': run training, then record how it ended. $$ is the
     # process group leader that setsid made (whether or not setsid had to fork).
     echo $$ >"$pid_file"
@@ -138,9 +142,6 @@ case $cmd in
       export TFDS_DATA_DIR=$data_dir
     fi
     echo "etcjax: $(date -u +%FT%TZ) starting on $(hostname): $(etcjax_join python -m etcjax.main ${rest[@]+"${rest[@]}"})"
-    # 'stop' signals the whole group: this wrapper must outlive python to record its
-    # exit code. A handler (unlike ignoring the signal) is reset for python at exec.
-    trap 'echo "etcjax: SIGTERM: waiting for the run to save and exit"' TERM
     code=0
     "$venv/bin/python" -m etcjax.main ${rest[@]+"${rest[@]}"} || code=$?
     echo "etcjax: $(date -u +%FT%TZ) exited with code $code"
@@ -158,6 +159,8 @@ case $cmd in
         state=STOPPED
       elif [[ $code == 0 ]]; then
         state=DONE
+      elif [[ $code == 143 ]]; then
+        state=PREEMPTED  # SIGTERM: etcjax.main saved a checkpoint and exited early
       else
         state=FAILED:$code
       fi

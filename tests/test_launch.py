@@ -266,6 +266,7 @@ def test_dry_run_matches_what_runs(fake_gcloud):
     ("READY", "RUNNING,FAILED:1", ["describe", "ssh", "ssh", "ssh"], 0),
     ("READY", "RUNNING,INTERRUPTED", ["describe", "ssh", "ssh", "ssh"], 0),
     ("READY", "NONE,NONE", ["describe", "ssh", "ssh", "ssh"], 0),
+    ("READY", "PREEMPTED,PREEMPTED", ["describe", "ssh", "ssh", "ssh"], 0),
     ("READY", "NOSETUP,NOSETUP", ["describe", "ssh", "scp", "ssh", "ssh", "ssh"], 0),
     ("STOPPED", "", ["describe"], 1),
 ])
@@ -275,7 +276,7 @@ def test_supervise_decisions(fake_gcloud, vm, runs, expected, code):
   assert proc.returncode == code, proc.stderr
   calls = gcloud_calls(env)
   assert [c[4] for c in calls] == expected
-  if "FAILED" in runs or "INTERRUPTED" in runs or "NONE" in runs:
+  if any(s in runs for s in ("FAILED", "INTERRUPTED", "NONE", "PREEMPTED")):
     assert remote(calls[2])[2:4] == ["stop", "vit1"]
   if "create" in expected or "NOSETUP" in runs:
     assert remote(calls[-1])[2:4] == ["start", "vit1"]
@@ -299,6 +300,7 @@ printf '%s\\n' "$PWD" "$TFDS_DATA_DIR" "$@" > "$HOME/argv.txt"
 case $FAKE_MODE in
   exit0) echo "training done" ;;
   exit3) exit 3 ;;
+  exit143) exit 143 ;;
   wait) trap 'echo "saved checkpoint on SIGTERM"; exit 0' TERM
         echo "training"; while :; do sleep 0.05; done ;;
 esac
@@ -346,11 +348,20 @@ def test_worker_run_lifecycle(worker_home):
   worker(env, "start", "r1")
   assert wait_state(env, "r1", "FAILED:3") == "FAILED:3"
 
+  env["FAKE_MODE"] = "exit143"  # etcjax.main's exit code after a preemption save
+  worker(env, "start", "r1")
+  assert wait_state(env, "r1", "PREEMPTED") == "PREEMPTED"
+
 
 def test_worker_stop_sends_sigterm_to_the_run(worker_home):
   env = {**worker_home, "FAKE_MODE": "wait"}
   worker(env, "start", "r2")
   assert wait_state(env, "r2", "RUNNING") == "RUNNING"
+  log = Path(worker_home["HOME"], "etcjax-logs", "r2.log")
+  for _ in range(200):  # until the fake trainer has installed its SIGTERM handler
+    if "training" in log.read_text():
+      break
+    time.sleep(0.05)
   # A second start while it runs does nothing.
   assert "already running" in worker(env, "start", "r2")
   assert "stopped" in worker(env, "stop", "r2", "--wait", "20")
