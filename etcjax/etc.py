@@ -20,15 +20,18 @@ in their dtype, such as k/255 in float32 up to the rounding of `1 - p`).
 
 * JAX arrays, or any call under `jax.jit` / `jax.vmap` (traced schedule or images): a pure
   `jax.numpy` implementation, jit-, vmap- and shard-safe (no host callbacks, no Python
-  loop over blocks; one elementwise-fused pass, see `_transform_jnp`). Returns a JAX array.
-* NumPy arrays with a concrete schedule: an equivalent host implementation
-  (`_transform_np`) for the owner-side tools and host input pipelines. Returns NumPy.
+  loop over blocks): one gather whose source indices are computed arithmetically from the
+  n-length schedule arrays (`source_index`), then negpos. Returns a JAX array.
+* NumPy arrays with a concrete schedule: the same index arithmetic on the host
+  (`_transform_np`, index map cached per schedule) for the owner-side tools and host input
+  pipelines. Returns NumPy.
 
 Both give bit-identical results (tested).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -194,63 +197,91 @@ def _transform(images: Array, schedule: Schedule) -> Array:
   return _transform_jnp(jnp.asarray(images), schedule, grid)
 
 
-def _transform_jnp(x: jax.Array, s: Schedule, grid: tuple[int, int]) -> jax.Array:
-  """Pure-jnp transform: out block i = chperm(negpos(rotflip(in block perm[i])))."""
-  lead = x.shape[:-3]
+def source_index(perm: Array, rotflip: Array, chperm: Array, grid: tuple[int, int],
+                 block_size: int, xp=jnp) -> Array:
+  """Flat source index of every output byte of one (H, W, 3) image; int32 (H*W*3,).
+
+  `out.reshape(-1)[k] = in.reshape(-1)[index[k]]` (before negpos) for the schedule's
+  block permutation, rotation/flip and channel shuffle. Computed arithmetically from the
+  per-block arrays (no per-element tables), with `xp` = `jax.numpy` (traceable) or `numpy`.
+  """
   rows, cols = grid
-  b = s.block_size
+  b = block_size
   n = rows * cols
-  x = x.reshape((-1, rows, b, cols, b, 3)).transpose(0, 1, 3, 2, 4, 5).reshape(-1, n, b, b, 3)
-  x = jnp.take(x, jnp.asarray(s.perm), axis=1)
+  perm = xp.asarray(perm).astype(xp.int32)
+  rotflip = xp.asarray(rotflip)
+  col = lambda table: xp.asarray(table)[rotflip].reshape(n, 1, 1).astype(bool)
+  y = xp.arange(b, dtype=xp.int32).reshape(1, b, 1)
+  x = xp.arange(b, dtype=xp.int32).reshape(1, 1, b)
+  # out[y, x] = S[y', x'] with y', x' optionally reversed and S = in.T if TRANSPOSE.
+  yr = xp.where(col(REV_Y), b - 1 - y, y)
+  xr = xp.where(col(REV_X), b - 1 - x, x)
+  t = col(TRANSPOSE)
+  sy, sx = xp.where(t, xr, yr), xp.where(t, yr, xr)  # (n, b, b) source pixel in its block
+  pixel = ((perm // cols).reshape(n, 1, 1) * b + sy) * (cols * b) \
+      + (perm % cols).reshape(n, 1, 1) * b + sx
+  chans = xp.asarray(PERMS3)[xp.asarray(chperm)].astype(xp.int32)  # (n, 3)
+  index = pixel[..., None] * 3 + chans[:, None, None, :]  # (n, b, b, 3), blocks in raster order
+  return _blocks_to_image(index, grid, xp).reshape(-1)
 
-  def per_block(table, codes):  # (n,) -> (1, n, 1, 1, 1) bool, broadcast over the block
-    return jnp.asarray(table)[jnp.asarray(codes)].astype(bool)[None, :, None, None, None]
 
-  rf = s.rotflip
-  x = jnp.where(per_block(TRANSPOSE, rf), x.swapaxes(2, 3), x)
-  x = jnp.where(per_block(REV_Y, rf), x[:, :, ::-1], x)
-  x = jnp.where(per_block(REV_X, rf), x[:, :, :, ::-1], x)
-  src = jnp.asarray(PERMS3)[jnp.asarray(s.chperm)][None, :, None, None, :]  # (1,n,1,1,3)
-  chans = [x[..., k:k + 1] for k in range(3)]
-  x = jnp.where(src == 0, chans[0], jnp.where(src == 1, chans[1], chans[2]))
-  neg = jnp.asarray(s.negpos).astype(bool)[None, :, None, None, None]
+def _blocks_to_image(a: Array, grid: tuple[int, int], xp) -> Array:
+  """(n, B, B, ...) per-block values -> (H, W, ...) image layout."""
+  rows, cols = grid
+  b = a.shape[1]
+  a = a.reshape((rows, cols, b, b) + a.shape[3:])
+  return xp.moveaxis(a, 2, 1).reshape((rows * b, cols * b) + a.shape[4:])
+
+
+def _negpos_map(negpos: Array, grid: tuple[int, int], block_size: int, xp) -> Array:
+  """bool (H, W, 1): pixels of blocks whose negpos is 1."""
+  n = grid[0] * grid[1]
+  neg = xp.asarray(negpos).astype(bool).reshape(n, 1, 1, 1)
+  return _blocks_to_image(xp.broadcast_to(neg, (n, block_size, block_size, 1)), grid, xp)
+
+
+def _transform_jnp(x: jax.Array, s: Schedule, grid: tuple[int, int]) -> jax.Array:
+  """Pure-jnp transform: one gather with arithmetic source indices, then negpos.
+
+  XLA:CPU measurements (benchmarks/bench_etc.py) drove this form: one gather whose index
+  map is computed once per call from the n-length schedule arrays beat compositions of
+  transposes and per-block selects, which XLA:CPU emits as scalar loops over 3-byte pixels.
+  """
+  shape = x.shape
+  index = source_index(s.perm, s.rotflip, s.chperm, grid, s.block_size)
+  neg = _negpos_map(s.negpos, grid, s.block_size, jnp)
+  flat = x.reshape((-1, index.shape[0]))
+  # The index map is a permutation, so the gather is in bounds with unique indices.
+  out = flat.at[:, index].get(mode="promise_in_bounds", unique_indices=True).reshape(
+      (-1,) + shape[-3:])
   if x.dtype == jnp.uint8:
-    x = x ^ (neg.astype(jnp.uint8) * jnp.uint8(255))
+    out = out ^ (neg.astype(jnp.uint8) * jnp.uint8(255))
   else:
-    x = jnp.where(neg, 1 - x, x)
-  x = x.reshape(-1, rows, cols, b, b, 3).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(lead + (rows * b, cols * b, 3))
+    out = jnp.where(neg, 1 - out, out)
+  return out.reshape(shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _host_maps(key: tuple) -> tuple[np.ndarray, np.ndarray]:
+  perm, rotflip, negpos, chperm, grid, b = key
+  a = lambda buf: np.frombuffer(buf, np.int64)
+  index = source_index(a(perm), a(rotflip), a(chperm), grid, b, xp=np).astype(np.intp)
+  return index, _negpos_map(a(negpos), grid, b, np)
 
 
 def _transform_np(x: np.ndarray, s: Schedule, grid: tuple[int, int]) -> np.ndarray:
-  """Host NumPy transform, bit-identical to `_transform_jnp`; blocks grouped by code."""
-  lead = x.shape[:-3]
-  rows, cols = grid
-  b = s.block_size
-  n = rows * cols
-  perm = np.asarray(s.perm)
-  rotflip = np.asarray(s.rotflip)
-  chperm = np.asarray(s.chperm)
-  negpos = np.asarray(s.negpos).astype(bool)
-  src = x.reshape((-1, rows, b, cols, b, 3)).transpose(1, 3, 0, 2, 4, 5).reshape(n, -1, b, b, 3)
-  out = np.empty_like(src)
-  # The schedule is concrete, so blocks that share (rotflip, chperm) codes share one
-  # strided NumPy copy instead of a per-block loop.
-  for code in np.unique(rotflip * 6 + chperm):
-    idx = np.nonzero(rotflip * 6 + chperm == code)[0]
-    rf, cp = divmod(int(code), 6)
-    blk = src[perm[idx]]  # (k, N, B, B, 3)
-    if TRANSPOSE[rf]:
-      blk = blk.swapaxes(2, 3)
-    if REV_Y[rf]:
-      blk = blk[:, :, ::-1]
-    if REV_X[rf]:
-      blk = blk[:, :, :, ::-1]
-    out[idx] = blk[..., PERMS3[cp]]
-  if negpos.any():
-    if out.dtype == np.uint8:
-      out[negpos] ^= np.uint8(255)
-    else:
-      out[negpos] = 1 - out[negpos]
-  out = out.reshape(rows, cols, -1, b, b, 3).transpose(2, 0, 3, 1, 4, 5)
-  return np.ascontiguousarray(out).reshape(lead + (rows * b, cols * b, 3))
+  """Host NumPy transform, bit-identical to `_transform_jnp` (same index arithmetic).
+
+  The index map and negpos mask are cached per schedule, so a stream of images with one
+  key costs one `np.take` and one XOR per batch.
+  """
+  key = tuple(np.ascontiguousarray(np.asarray(getattr(s, f)), np.int64).tobytes()
+              for f in ("perm", "rotflip", "negpos", "chperm")) + (tuple(grid), s.block_size)
+  index, neg = _host_maps(key)
+  flat = np.ascontiguousarray(x).reshape(-1, index.shape[0])
+  out = np.take(flat, index, axis=1).reshape((-1,) + x.shape[-3:])
+  if x.dtype == np.uint8:
+    np.bitwise_xor(out, (neg * np.uint8(255)).astype(np.uint8), out=out)
+  else:
+    out = np.where(neg, np.asarray(1, x.dtype) - out, out).astype(x.dtype, copy=False)
+  return out.reshape(x.shape)
