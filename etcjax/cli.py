@@ -21,6 +21,8 @@ from etcjax.errors import UserError
 # Subcommand modules, in the order `etcjax --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "etcjax.commands.owner",
+    "etcjax.commands.train",
+    "etcjax.commands.privacy",
 )
 
 

@@ -216,3 +216,25 @@ def lpips(a, b, params: dict) -> np.ndarray:
   a = a.reshape((-1,) + a.shape[-3:])
   b = b.reshape((-1,) + b.shape[-3:])
   return np.asarray(_lpips_apply(params, a, b), np.float32).reshape(lead)
+
+
+def ssim_up_to_global_state(reference, images) -> np.ndarray:
+  """Best SSIM of `images` against `reference` over the 96 whole-image EtC states.
+
+  A reconstruction that is the plain image rotated, flipped, inverted or channel-shuffled
+  as a whole shows the same content, but plain SSIM scores it near 0; this is the SSIM
+  after the best such global correction (geometries that would change the image shape
+  are skipped for non-square images). Per image, float32 (…,).
+  """
+  from etcjax.attacks import blockstates
+
+  ref, x = _pair(reference, images)
+  ref255, x255 = np.asarray(ref) * 255.0, np.asarray(x) * 255.0
+  square = x.shape[-3] == x.shape[-2]
+  best = np.full(x.shape[:-3], -np.inf, np.float32)
+  for s in range(blockstates.NUM_STATES):
+    if not square and blockstates.etc.TRANSPOSE[blockstates.STATE_ROTFLIP[s]]:
+      continue
+    variant = blockstates.apply_state(x255, s) / 255.0
+    best = np.maximum(best, ssim(ref255 / 255.0, variant))
+  return best

@@ -59,21 +59,24 @@ def victim_images(size: int, names: tuple[str, ...] = VICTIM_PHOTOS) -> np.ndarr
 
 
 def training_crops(size: int, count: int, seed: int = 0,
-                   names: tuple[str, ...] = ATTACKER_PHOTOS) -> np.ndarray:
-  """`count` random square crops of the attacker photos, resized to size x size.
+                   names: tuple[str, ...] = ATTACKER_PHOTOS, width: int | None = None
+                   ) -> np.ndarray:
+  """`count` random crops of the attacker photos, resized to size x width (default square).
 
-  Crop sides are drawn between 1/8 and 1/2 of the shorter photo side (so a 32x32 crop
+  Crop heights are drawn between 1/8 and 1/2 of the shorter photo side (so a 32x32 crop
   looks like a small natural image, not a patch of texture); half are mirrored.
-  Returns uint8 (count, size, size, 3).
+  Returns uint8 (count, size, width, 3).
   """
+  width = size if width is None else width
   rng = np.random.default_rng(seed)
-  out = np.empty((count, size, size, 3), np.uint8)
+  out = np.empty((count, size, width, 3), np.uint8)
   for i in range(count):
     img = photo(names[rng.integers(len(names))])
     h, w = img.shape[:2]
-    side = int(rng.integers(min(h, w) // 8, min(h, w) // 2 + 1))
-    top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-    crop = Image.fromarray(np.asarray(img[top:top + side, left:left + side]))
-    crop = np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR), np.uint8)
+    ch = int(rng.integers(min(h, w) // 8, min(h, w) // 2 + 1))
+    cw = min(w, max(1, int(round(ch * width / size))))
+    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    crop = Image.fromarray(np.asarray(img[top:top + ch, left:left + cw]))
+    crop = np.asarray(crop.resize((width, size), Image.Resampling.BILINEAR), np.uint8)
     out[i] = crop[:, ::-1] if rng.integers(2) else crop
   return out
