@@ -13,8 +13,9 @@ every output block `i`:
 * `chperm[i]` in 0..5: index into `itertools.permutations((0, 1, 2))`; output channel
   `c` is input channel `PERMS3[chperm[i]][c]`.
 
-`decrypt` is the exact inverse (bit-exact for uint8 and for float values that are exact
-in their dtype, such as k/255 in float32 up to the rounding of `1 - p`).
+`decrypt` is the exact inverse: bit-exact for uint8. For floats, `p -> 1 - p` rounds once,
+so values round-trip bit-exactly when `1 - p` is exact in their dtype (e.g. multiples of
+2^-8) and otherwise to within one ulp of 1.0 (6e-8 in float32).
 
 `encrypt` / `decrypt` take NumPy or JAX arrays:
 

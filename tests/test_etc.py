@@ -267,3 +267,32 @@ def test_sharded_jit_over_8_devices_has_no_collectives():
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "SHARDED-OK" in r.stdout
+
+
+def test_source_index_is_a_permutation_and_identity_for_identity():
+  s = etc.Schedule.identity(32, 48, 16)
+  idx = etc.source_index(s.perm, s.rotflip, s.chperm, (2, 3), 16, xp=np)
+  np.testing.assert_array_equal(idx, np.arange(32 * 48 * 3))
+  s = schedule(32, 48, 8, seed=3)
+  idx = np.asarray(etc.source_index(s.perm, s.rotflip, s.chperm, (4, 6), 8))
+  np.testing.assert_array_equal(np.sort(idx), np.arange(32 * 48 * 3))
+
+
+def test_host_cache_keeps_schedules_apart():
+  x = images((2, 32, 32, 3))
+  a, b = schedule(32, 32, 16, seed=1), schedule(32, 32, 16, seed=2)
+  for s in (a, b, a, b):
+    np.testing.assert_array_equal(etc.encrypt(x, s), ref_batch(x, s))
+
+
+def test_benchmark_script_runs(tmp_path):
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+  import bench_etc
+
+  out = tmp_path / "bench.json"
+  assert bench_etc.main(["--batch", "4", "--size", "64", "--rounds", "1", "--loop-images", "2",
+                         "--json", str(out)]) == 0
+  import json
+
+  doc = json.loads(out.read_text())
+  assert doc["copy_fraction"] > 0 and doc["loop_speedup"] > 0
