@@ -105,6 +105,15 @@ def test_encrypt_decrypt_round_trip_keeps_structure(tree, keyfile, capsys):
   assert rc == 0, err
   np.testing.assert_array_equal(codec.read_image(tree / "dec1" / "b.png"),
                                 codec.read_image(tree / "in" / "sub" / "b.jpg"))
+  # A sub-folder of an encrypted tree finds the manifest in a parent folder.
+  rc, _, err = run(capsys, "decrypt", "--key", keyfile, tree / "enc" / "sub", "--out",
+                   tree / "dec2")
+  assert rc == 0 and "no etcjax-manifest.json" not in err, err
+  np.testing.assert_array_equal(codec.read_image(tree / "dec2" / "b.png"),
+                                codec.read_image(tree / "in" / "sub" / "b.jpg"))
+  rc, _, err = run(capsys, "decrypt", "--key", keyfile, tree / "enc", "--out", tree / "d3",
+                   "--block-size", "8")
+  assert rc == 2 and "contradicts the manifest" in error_line(err)
   assert no_temp_files(tree)
 
 

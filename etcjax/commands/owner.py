@@ -262,6 +262,8 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
   b = args.block_size
   if b < 1:
     raise UserError(f"--block-size must be >= 1, got {b}")
+  if not 1 <= args.quality <= 100:
+    raise UserError(f"--quality must be in 1..100, got {args.quality}")
   if args.format == "jpeg" and b % 16:
     _err(f"warning: JPEG 4:2:0 MCUs are 16x16; block size {b} lets them straddle EtC blocks, "
          "which costs file size and quality")
@@ -284,7 +286,8 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
       h, w = img.shape[:2]
       out = etc.encrypt(img, _schedule(cache, key, h, w, b, it.src))
       nbytes = _write(dst, out, args)
-      files[os.path.relpath(dst, args.out)] = {"height": h, "width": w, "bytes": nbytes}
+      files[os.path.relpath(dst, args.out)] = {"height": h, "width": w, "format": args.format,
+                                                "bytes": nbytes}
   finally:
     # Also after an error, so the folder describes exactly the files it holds.
     if files:
@@ -307,6 +310,10 @@ def _manifest_for(src: str, cache: dict) -> tuple[dict | None, str]:
 
 
 def cmd_decrypt(args: argparse.Namespace) -> int:
+  if args.block_size is not None and args.block_size < 1:
+    raise UserError(f"--block-size must be >= 1, got {args.block_size}")
+  if not 1 <= args.quality <= 100:
+    raise UserError(f"--quality must be in 1..100, got {args.quality}")
   key = _load_key(args)
   items = collect_inputs(args.inputs)
   # A folder input's manifest lives at its top; a file's next to it (or in a parent
@@ -323,7 +330,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
   for it, dst in _progress(plan, len(plan), "decrypt"):
     doc, folder = None, None
     for top, tdoc in tops.items():
-      if os.path.abspath(it.src).startswith(top + os.sep):
+      if tdoc is not None and os.path.abspath(it.src).startswith(top + os.sep):
         doc, folder = tdoc, top
         break
     if folder is None:
