@@ -54,7 +54,8 @@ def schedule(h, w, b, seed=0):
     return keys.EtcKey.insecure_from_seed(seed).schedule(h, w, b)
 
 
-GEOMS = [(32, 32, 16), (64, 48, 16), (48, 64, 8), (12, 20, 4), (8, 8, 1), (224, 224, 16)]
+GEOMS = [(32, 32, 16), (64, 48, 16), (48, 64, 8), (12, 20, 4), (8, 8, 1), (224, 224, 16),
+         (64, 80, 2)]  # 1280 blocks: the host path switches to np.take
 
 
 @pytest.mark.parametrize("geom", GEOMS)
