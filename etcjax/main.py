@@ -145,10 +145,15 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    run_from_flags()
+    doc = run_from_flags()
   except (UserError, ValueError, OSError) as e:
     _print_error(e)
     sys.exit(2)
+  if doc.get("preempted"):
+    # Saved a checkpoint at a preemption notice (SIGTERM) before the last step: tell the
+    # scheduler (or launch/supervise.sh) that this run is to be started again.
+    from etcjax.preemption import PREEMPTED_EXIT_CODE
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

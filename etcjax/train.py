@@ -55,7 +55,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from etcjax import config as config_lib
-from etcjax import fileio, models
+from etcjax import fileio, models, preemption
 from etcjax.data import augment, pipeline, sources
 from etcjax.errors import KeyMismatchError, UserError
 
@@ -578,11 +578,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending: list[dict[str, jax.Array]] = []
   last_train_loss = None
   t_log, step_log = time.perf_counter(), start
+  # SIGTERM (a preemption notice) -> every host saves at the same step and stops early.
+  watch, preempted = preemption.PreemptionWatch(), False
   try:
     for step in range(start + 1, total + 1):  # `step` = steps completed after this one.
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, next(batches), setup.cipher)
       pending.append(metrics)
+      preempted = watch.reached(step) and step < total  # Asked every step, on every host.
       if step % config.log_every_steps == 0 or step == total:
         fetched = jax.device_get(pending)
         pending = []
@@ -603,18 +606,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, result)
         history.append({"step": step, "train_loss": last_train_loss, **result})
         _write_json(os.path.join(workdir, "metrics.json"), _metrics_doc(setup, history))
-      if step % config.checkpoint_every_steps == 0 or step == total:
+      if step % config.checkpoint_every_steps == 0 or step == total or preempted:
         meta = {"history": history, "model": config.model, "dataset": setup.dataset.name,
                 "step": step, **config_record(config, setup)}
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(meta)))
+      if preempted:
+        break
   finally:
+    watch.close()
     # Also on Ctrl-C / errors: let in-flight async saves finish, so the last checkpoint
     # is complete and a restart resumes from it.
     batches.close()
     manager.wait_until_finished()
     writer.flush()
-  doc = _metrics_doc(setup, history)
+  doc = {**_metrics_doc(setup, history), "preempted": preempted}
   _write_json(os.path.join(workdir, "metrics.json"), doc)
   return doc
 
