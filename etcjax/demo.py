@@ -154,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m etcjax.demo", description=__doc__.split("\n")[0])
   p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
   p.add_argument("--quality", type=int, default=85, help="JPEG quality factor (default 85)")
+  p.add_argument("--photos", nargs="+", choices=samples.names(), metavar="NAME",
+                 help=f"photos to use (default: all of {', '.join(samples.names())})")
+  p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
+                 help="resize-and-crop every photo to H x W (default: native size)")
   args = p.parse_args(argv)
-  r = run_owner_roundtrip(args.out, quality=args.quality)
+  r = run_owner_roundtrip(args.out, quality=args.quality, photos=args.photos,
+                          size=tuple(args.size) if args.size else None)
   t = r["totals"]
   print(f"{len(r['images'])} photos, key {r['key_fingerprint']}: JPEG QF{r['quality']} EtC "
         f"{100 * t['jpeg_overhead']:+.1f}% bytes vs plain; PSNR plain "
