@@ -65,20 +65,28 @@ def test_training_updates_batch_stats_with_pytorch_momentum():
   np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("impl", [i for i in convmixer.DEPTHWISE_IMPLS if i != "conv"])
-@pytest.mark.parametrize("k,shape", [(9, (2, 12, 12, 8)), (3, (1, 5, 7, 4)), (4, (2, 6, 6, 3))])
-def test_depthwise_formulations_match_xla_grouped_conv(impl, k, shape):
+@pytest.mark.parametrize("layout", ["NHWC", "CNHW"])
+@pytest.mark.parametrize("impl", ["conv", "shift", "shift_scan"])
+@pytest.mark.parametrize("k,shape", [(9, (2, 12, 12, 8)), (4, (1, 5, 7, 3))])
+def test_depthwise_formulations_match_xla_grouped_conv(impl, layout, k, shape):
+  """Forward and both gradients equal NHWC `lax` grouped conv, in every layout."""
   x = jax.random.normal(jax.random.key(0), shape)
   w = jax.random.normal(jax.random.key(1), (k, k, 1, shape[-1])) / k
   g = jax.random.normal(jax.random.key(2), shape)
-  fn = convmixer.DEPTHWISE_FUNCTIONS[convmixer.resolve_depthwise_impl(impl)]
+  to_layout = (lambda a: a) if layout == "NHWC" else (lambda a: jnp.transpose(a, (3, 0, 1, 2)))
+  fn = convmixer.DEPTHWISE_FUNCTIONS[impl]
 
-  def loss(f, x, w):
-    return jnp.sum(f(x, w) * g)
+  def loss(x, w):
+    return jnp.sum(fn(to_layout(x), w, layout) * to_layout(g))
 
-  np.testing.assert_allclose(fn(x, w), convmixer.depthwise_conv(x, w), rtol=1e-5, atol=1e-5)
-  got = jax.grad(lambda x, w: loss(fn, x, w), argnums=(0, 1))(x, w)
-  ref = jax.grad(lambda x, w: loss(convmixer.depthwise_conv, x, w), argnums=(0, 1))(x, w)
+  def ref_loss(x, w):
+    return jnp.sum(convmixer.depthwise_conv(x, w) * g)
+
+  out = jax.jit(lambda x, w: fn(to_layout(x), w, layout))(x, w)
+  np.testing.assert_allclose(out, to_layout(convmixer.depthwise_conv(x, w)), rtol=1e-5,
+                             atol=1e-5)
+  got = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+  ref = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(x, w)
   for a, b in zip(got, ref, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -91,17 +99,54 @@ def test_depthwise_matches_a_direct_sum():
   np.testing.assert_allclose(convmixer.depthwise_conv(x, w), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_whole_model_is_the_same_with_every_formulation():
-  variables = _tiny(depthwise_impl="conv").init(jax.random.key(0), _images(), train=False)
-  ref = _tiny(depthwise_impl="conv").apply(variables, _images(), train=False)
-  for impl in convmixer.DEPTHWISE_IMPLS:
-    np.testing.assert_allclose(_tiny(depthwise_impl=impl).apply(variables, _images()), ref,
-                               rtol=1e-4, atol=1e-5)
+def test_depthwise_shift_in_bfloat16():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 1, 4)) / 3
+  out = convmixer.depthwise_shift(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), "NHWC")
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(np.float32), convmixer.depthwise_conv(x, w),
+                             atol=0.05)
+  dw = jax.grad(lambda w: jnp.sum(convmixer.depthwise_shift(
+      x.astype(jnp.bfloat16), w, "NHWC").astype(jnp.float32)))(w.astype(jnp.bfloat16))
+  assert dw.dtype == jnp.bfloat16
+
+
+def test_whole_model_is_the_same_with_every_formulation_and_layout():
+  x = _images()
+  labels = jnp.arange(4) % 4
+  variables = _tiny(depthwise_impl="conv", layout="NHWC").init(jax.random.key(0), x)
+
+  def loss_and_grads(impl, layout):
+    model = _tiny(depthwise_impl=impl, layout=layout)
+
+    def loss(params):
+      logits, updates = model.apply(dict(variables, params=params), x, train=True,
+                                    mutable=["batch_stats"])
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), (logits, updates)
+
+    (value, (logits, updates)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        variables["params"])
+    return logits, updates, grads
+
+  ref = loss_and_grads("conv", "NHWC")
+  for impl, layout in [("shift", "NHWC"), ("shift", "CNHW"), ("shift_scan", "CNHW")]:
+    got = loss_and_grads(impl, layout)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, ref)
+
+
+def test_auto_choices_depend_on_the_backend():
+  on_cpu = jax.default_backend() == "cpu"
+  assert convmixer.resolve_depthwise_impl("auto") == ("shift" if on_cpu else "conv")
+  assert convmixer.resolve_layout("auto", "shift") == ("CNHW" if on_cpu else "NHWC")
+  assert convmixer.resolve_layout("auto", "conv") == "NHWC"
+  assert convmixer.resolve_layout("NHWC") == "NHWC"
 
 
 def test_unknown_impl_and_option_are_errors():
   with pytest.raises(ValueError, match="depthwise_impl"):
     _tiny(depthwise_impl="fft").init(jax.random.key(0), _images())
+  with pytest.raises(ValueError, match="layout 'NCHW'"):
+    _tiny(layout="NCHW").init(jax.random.key(0), _images())
   with pytest.raises(ValueError, match="unknown option"):
     models.create("ConvMixer-tiny-test", 4, widht=3)
   with pytest.raises(ValueError, match="ViT-B_16"):
@@ -116,6 +161,9 @@ def test_bfloat16_compute():
   hi = _tiny().apply(variables, _images(), train=False)
   assert lo.dtype == jnp.float32
   np.testing.assert_allclose(lo, hi, atol=0.05 * float(jnp.abs(hi).max()) + 0.02)
+  for layout in ("NHWC", "CNHW"):
+    other = _tiny(dtype="bfloat16", layout=layout).apply(variables, _images(), train=False)
+    np.testing.assert_allclose(other, hi, atol=0.05 * float(jnp.abs(hi).max()) + 0.02)
 
 
 def test_preprocess_maps_to_symmetric_range():

@@ -1,6 +1,6 @@
 """ConvMixer (Trockman & Kolter, "Patches Are All You Need?"), as used by MaungMaung & Kiya.
 
-Architecture (the paper's PyTorch definition, NHWC here):
+Architecture (the paper's PyTorch definition):
 
   patch_embed: conv p x p, stride p, 3 -> dim;  GELU;  BatchNorm
   depth x [ x + BatchNorm(GELU(depthwise k x k conv, "same" padding)(x))
@@ -15,6 +15,7 @@ Parameters: `patch_embed/{kernel (p, p, 3, dim), bias}`, `patch_norm/{scale, bia
 `mixer_{i}/depthwise/{kernel (k, k, 1, dim), bias}` (Flax's grouped-conv layout),
 `mixer_{i}/norm_dw`, `mixer_{i}/pointwise/{kernel (dim, dim), bias}`, `mixer_{i}/norm_pw`,
 `head/{kernel (dim, classes), bias}`; BatchNorm statistics in the `batch_stats` collection.
+They do not depend on the options below, so variables move freely between them.
 
 Input: float NHWC images in [-1, 1] (`normalize`). Scaling by a constant per channel is what
 a mean/std normalisation would do too, but EtC images mix channels (channel shuffle) and flip
@@ -22,8 +23,16 @@ intensities (p -> 1 - p) block by block, so one affine map that is the same for 
 channel and symmetric about 0.5 keeps every encrypted block's statistics alike; the first
 BatchNorm absorbs the remaining scale.
 
-The depthwise convolution has several numerically equivalent formulations
-(`DEPTHWISE_IMPLS`); XLA's grouped convolution is slow on CPU, see `DepthwiseConv`.
+Speed. XLA's grouped convolution, the obvious depthwise conv, is several times slower than
+PyTorch's on CPU. Two options select equivalent, faster formulations (tested equal to float
+rounding, forward and gradients):
+
+* `depthwise_impl`: "conv" (XLA grouped conv), "shift" (fused shifted multiply-adds with a
+  hand-written backward pass, `depthwise_shift`), "shift_scan" (a `lax.scan` over kernel rows,
+  plain autodiff) or "auto": "shift" on CPU, "conv" on GPU/TPU.
+* `layout`: the activation layout inside the mixer layers, "NHWC" or "CNHW" (channel-major:
+  XLA's CPU code vectorises the shifted sums and the BatchNorm / kernel-gradient reductions
+  along the contiguous spatial axis), or "auto": "CNHW" with "shift" on CPU, else "NHWC".
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from jax import lax
 Array = jax.Array
 
 INPUT_RANGE = (-1.0, 1.0)
-DEPTHWISE_IMPLS = ("auto", "conv", "shift_scan")
+DEPTHWISE_IMPLS = ("auto", "conv", "shift", "shift_scan")
+LAYOUTS = ("auto", "NHWC", "CNHW")
 
 
 def normalize(images: Array) -> Array:
@@ -76,34 +86,55 @@ def _same_padding(k: int) -> tuple[int, int]:
   return lo, k - 1 - lo
 
 
-def depthwise_conv(x: Array, kernel: Array) -> Array:
-  """Depthwise conv with XLA's grouped convolution.
+# ------------------------------------------------------------- depthwise conv formulations
+#
+# Every formulation takes `x` `(N, H, W, C)` ("NHWC") or `(C, N, H, W)` ("CNHW") and a kernel
+# `(k, k, 1, C)` and returns `out` in x's layout with "same" zero padding:
+#   out[n, h, w, c] = sum_ij xpad[n, h + i, w + j, c] * kernel[i, j, 0, c].
 
-  Args:
-    x: `(N, H, W, C)`.
-    kernel: `(k, k, 1, C)` (HWIO with one input channel per group).
 
-  Returns:
-    `(N, H, W, C)`: `out[n,h,w,c] = sum_ij xpad[n,h+i,w+j,c] * kernel[i,j,0,c]`, "same" padding.
-  """
+def _spatial_axes(layout: str) -> tuple[int, int]:
+  return (1, 2) if layout == "NHWC" else (2, 3)
+
+
+def _pad_spatial(x: Array, pad: tuple[int, int], layout: str) -> Array:
+  widths = [(0, 0)] * 4
+  for a in _spatial_axes(layout):
+    widths[a] = pad
+  return jnp.pad(x, widths)
+
+
+def _window(xp: Array, i: int, j: int, h: int, w: int, layout: str) -> Array:
+  if layout == "NHWC":
+    return xp[:, i:i + h, j:j + w, :]
+  return xp[:, :, i:i + h, j:j + w]
+
+
+def _tap(taps: Array, i: int, j: int, layout: str) -> Array:
+  return taps[i, j] if layout == "NHWC" else taps[i, j][:, None, None, None]
+
+
+def depthwise_conv(x: Array, kernel: Array, layout: str = "NHWC") -> Array:
+  """Depthwise conv with XLA's grouped convolution (`feature_group_count = C`)."""
   k = kernel.shape[0]
   return lax.conv_general_dilated(
       x, kernel, window_strides=(1, 1), padding=(_same_padding(k), _same_padding(k)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+      dimension_numbers=(layout, "HWIO", layout), feature_group_count=kernel.shape[-1])
 
 
-def depthwise_shift_scan(x: Array, kernel: Array) -> Array:
+def depthwise_shift_scan(x: Array, kernel: Array, layout: str = "NHWC") -> Array:
   """Depthwise conv as a `lax.scan` over kernel rows of k shifted multiply-adds.
 
-  Same contract as `depthwise_conv`. Each scan step reads one row-shifted window of the padded
-  input and accumulates k column shifts, so XLA fuses a step into one elementwise loop, and
-  under autodiff only one padded copy per kernel row is saved (not k*k as with an unrolled
-  sum).
+  Plain autodiff: under `grad` one padded row band per kernel row is saved (not k*k padded
+  copies as with an unrolled sum). Slower than `depthwise_shift`, but differentiable in any
+  mode (forward mode included).
   """
+  if layout != "NHWC":
+    out = depthwise_shift_scan(jnp.transpose(x, (1, 2, 3, 0)), kernel)
+    return jnp.transpose(out, (3, 0, 1, 2))
   k = kernel.shape[0]
   n, h, w, c = x.shape
-  (lo, hi) = _same_padding(k)
-  xp = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+  xp = _pad_spatial(x, _same_padding(k), layout)
   rows = kernel[:, :, 0, :]  # (k, k, C)
 
   def step(acc: Array, inputs: tuple[Array, Array]) -> tuple[Array, None]:
@@ -118,41 +149,190 @@ def depthwise_shift_scan(x: Array, kernel: Array) -> Array:
   return out
 
 
-DEPTHWISE_FUNCTIONS = {"conv": depthwise_conv, "shift_scan": depthwise_shift_scan}
+def _shifted_sum(x: Array, taps: Array, pad: tuple[int, int], layout: str) -> Array:
+  """`sum_ij window_ij(xpad) * taps[i, j]` as one fused elementwise loop.
+
+  Args:
+    x: activations in `layout`.
+    taps: `(k, k, C)`.
+    pad: zero padding `(before, after)` of both spatial axes.
+    layout: "NHWC" or "CNHW".
+
+  Returns:
+    x's shape and dtype, accumulated in float32.
+  """
+  k = taps.shape[0]
+  h, w = (x.shape[a] for a in _spatial_axes(layout))
+  xp = _pad_spatial(x, pad, layout)
+  taps = taps.astype(jnp.float32)
+  acc = None
+  for i in range(k):
+    for j in range(k):
+      term = _window(xp, i, j, h, w, layout).astype(jnp.float32) * _tap(taps, i, j, layout)
+      acc = term if acc is None else acc + term
+  return acc.astype(x.dtype)
+
+
+def _tap_gradients(x: Array, g: Array, k: int, layout: str) -> Array:
+  """`dw[i, j, c] = sum_nhw xpad[n, h+i, w+j, c] * g[n, h, w, c]`, float32 `(k, k, C)`.
+
+  A `lax.scan` over kernel rows; each step is one variadic reduction with k outputs, so the
+  k column shifts of a row share a single pass over the data (81 separate reductions would
+  read it 81 times). It runs channel-major, `(C, N, H, W)`: XLA's CPU reductions are fast
+  over contiguous minor axes and slow over strided ones (2.8x in a measurement at batch 8).
+  """
+  if layout == "NHWC":
+    x, g = jnp.transpose(x, (3, 0, 1, 2)), jnp.transpose(g, (3, 0, 1, 2))
+  _, _, h, w = x.shape
+  xt = _pad_spatial(x.astype(jnp.float32), _same_padding(k), "CNHW")
+  gt = g.astype(jnp.float32)
+
+  def row(_: None, i: Array) -> tuple[None, Array]:
+    band = lax.dynamic_slice_in_dim(xt, i, h, axis=2)  # (C, N, H, W + k - 1)
+    products = tuple(band[..., j:j + w] * gt for j in range(k))
+    zeros = tuple(jnp.zeros((), jnp.float32) for _ in range(k))
+    sums = lax.reduce(products, zeros,
+                      lambda a, b: tuple(p + q for p, q in zip(a, b, strict=True)), (1, 2, 3))
+    return None, jnp.stack(sums)
+
+  return lax.scan(row, None, jnp.arange(k))[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_shift(x: Array, kernel: Array, layout: str = "NHWC") -> Array:
+  """Depthwise conv as fused shifted multiply-adds with a hand-written backward pass.
+
+  Forward and input gradient (the same sum with the kernel rotated by 180 degrees and the
+  padding mirrored) are each one fused loop over the output; the kernel gradient is
+  `_tap_gradients`. Only `x` and `kernel` are saved for the backward pass, so memory stays
+  that of one activation (XLA's autodiff of the unrolled sum keeps k*k padded copies and
+  asked for 50 GB). Reverse mode only: `jax.jvp` / forward-over-reverse needs "conv" or
+  "shift_scan".
+  """
+  return _shifted_sum(x, kernel[:, :, 0, :], _same_padding(kernel.shape[0]), layout)
+
+
+def _depthwise_shift_fwd(x: Array, kernel: Array, layout: str
+                         ) -> tuple[Array, tuple[Array, Array]]:
+  return depthwise_shift(x, kernel, layout), (x, kernel)
+
+
+def _depthwise_shift_bwd(layout: str, res: tuple[Array, Array], g: Array
+                         ) -> tuple[Array, Array]:
+  x, kernel = res
+  k = kernel.shape[0]
+  lo, hi = _same_padding(k)
+  dx = _shifted_sum(g.astype(x.dtype), kernel[::-1, ::-1, 0, :], (hi, lo), layout)
+  dw = _tap_gradients(x, g, k, layout)[:, :, None, :].astype(kernel.dtype)
+  return dx, dw
+
+
+depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
+
+DEPTHWISE_FUNCTIONS = {"conv": depthwise_conv, "shift": depthwise_shift,
+                       "shift_scan": depthwise_shift_scan}
+
+
+def _on_cpu() -> bool:
+  return jax.default_backend() == "cpu"
 
 
 def resolve_depthwise_impl(impl: str) -> str:
-  """Maps "auto" to the fastest formulation on the default backend (CPU vs accelerators)."""
+  """Maps "auto" to the fastest formulation on the default backend: "shift" on CPU, else
+  "conv" (cuDNN / the TPU convolution units handle grouped convs well)."""
   if impl not in DEPTHWISE_IMPLS:
     raise ValueError(f"unknown depthwise_impl {impl!r}; valid: {', '.join(DEPTHWISE_IMPLS)}")
   if impl == "auto":
-    return "shift_scan" if jax.default_backend() == "cpu" else "conv"
+    return "shift" if _on_cpu() else "conv"
   return impl
 
 
+def resolve_layout(layout: str, impl: str = "shift") -> str:
+  """Maps "auto" to "CNHW" for the "shift" formulation on CPU and to "NHWC" otherwise.
+
+  Args:
+    layout: one of `LAYOUTS`.
+    impl: the resolved depthwise formulation (XLA's grouped conv is slower still on CPU in
+      CNHW, and "shift_scan" works in NHWC).
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+  if layout == "auto":
+    return "CNHW" if _on_cpu() and impl == "shift" else "NHWC"
+  return layout
+
+
+# -------------------------------------------------------------------------------- modules
+
+
 class DepthwiseConv(nn.Module):
-  """k x k depthwise convolution with bias, "same" padding; `(N, H, W, C)` -> same.
+  """k x k depthwise convolution with bias, "same" padding, in `layout`.
 
   Attributes:
     kernel_size: k.
-    impl: "conv" (XLA grouped conv; best on GPU/TPU), "shift_scan" (see
-      `depthwise_shift_scan`) or "auto" (picked per backend). All give the same result up to
-      float rounding and share the parameters `kernel (k, k, 1, C)` and `bias (C,)`.
+    impl: a resolved `DEPTHWISE_IMPLS` entry ("conv", "shift", "shift_scan").
+    layout: "NHWC" or "CNHW".
     dtype: computation dtype.
+
+  Parameters `kernel (k, k, 1, C)` (float32) and `bias (C,)`.
   """
 
   kernel_size: int
-  impl: str = "auto"
+  impl: str = "shift"
+  layout: str = "NHWC"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    c, k = x.shape[-1], self.kernel_size
+    channel_axis = -1 if self.layout == "NHWC" else 0
+    c, k = x.shape[channel_axis], self.kernel_size
     kernel = self.param("kernel", torch_uniform_init((0, 1, 2)), (k, k, 1, c), jnp.float32)
     bias = self.param("bias", _bias_init(k * k), (c,), jnp.float32)
-    fn = DEPTHWISE_FUNCTIONS[resolve_depthwise_impl(self.impl)]
-    x = x.astype(self.dtype)
-    return fn(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    out = DEPTHWISE_FUNCTIONS[self.impl](x.astype(self.dtype), kernel.astype(self.dtype),
+                                         self.layout)
+    bias = bias.astype(self.dtype)
+    return out + (bias if self.layout == "NHWC" else bias[:, None, None, None])
+
+
+class Pointwise(nn.Module):
+  """1x1 conv (a Dense over channels) in `layout`; parameters as `nn.Dense`'s."""
+
+  features: int
+  layout: str = "NHWC"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c = x.shape[-1] if self.layout == "NHWC" else x.shape[0]
+    kernel = self.param("kernel", torch_uniform_init((0,)), (c, self.features), jnp.float32)
+    bias = self.param("bias", _bias_init(c), (self.features,), jnp.float32)
+    kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+    if self.layout == "NHWC":
+      return x.astype(self.dtype) @ kernel + bias
+    # Channel-major: one (C_out x C_in) @ (C_in x NHW) matmul, no transposes.
+    out = jnp.einsum("io,inhw->onhw", kernel, x.astype(self.dtype))
+    return out + bias[:, None, None, None]
+
+
+class ConvMixerLayer(nn.Module):
+  """One mixer layer: residual depthwise conv -> GELU -> BN, then 1x1 conv -> GELU -> BN."""
+
+  kernel_size: int
+  impl: str = "shift"
+  layout: str = "NHWC"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    channel_axis = -1 if self.layout == "NHWC" else 0
+    d = x.shape[channel_axis]
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype, axis=channel_axis)
+    gelu = functools.partial(nn.gelu, approximate=False)
+    y = DepthwiseConv(self.kernel_size, self.impl, self.layout, self.dtype, name="depthwise")(x)
+    x = x + norm(name="norm_dw")(gelu(y))
+    x = Pointwise(d, self.layout, self.dtype, name="pointwise")(x)
+    return norm(name="norm_pw")(gelu(x))
 
 
 class ConvMixer(nn.Module):
@@ -164,7 +344,8 @@ class ConvMixer(nn.Module):
     kernel_size: depthwise kernel side k.
     patch_size: patch-embedding side and stride p.
     num_classes: logits per image.
-    depthwise_impl: see `DepthwiseConv`.
+    depthwise_impl: one of `DEPTHWISE_IMPLS` (module docstring).
+    layout: one of `LAYOUTS` (module docstring).
     dtype: computation dtype ("float32" or "bfloat16"); parameters, BatchNorm statistics and
       logits stay float32.
 
@@ -178,46 +359,30 @@ class ConvMixer(nn.Module):
   patch_size: int = 7
   num_classes: int = 1000
   depthwise_impl: str = "auto"
+  layout: str = "auto"
   dtype: Any = "float32"
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> Array:
+    impl = resolve_depthwise_impl(self.depthwise_impl)
+    layout = resolve_layout(self.layout, impl)
     dtype = jnp.dtype(self.dtype)
     p, d = self.patch_size, self.dim
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=dtype)
-    gelu = functools.partial(nn.gelu, approximate=False)
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
                 kernel_init=torch_uniform_init((0, 1, 2)), bias_init=_bias_init(p * p * 3),
                 name="patch_embed")(images.astype(dtype))
-    x = norm(name="patch_norm")(gelu(x))
+    channel_axis = -1
+    if layout == "CNHW":
+      x, channel_axis = jnp.transpose(x, (3, 0, 1, 2)), 0
+    x = nn.gelu(x, approximate=False)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                     axis=channel_axis, name="patch_norm")(x)
     for i in range(self.depth):
-      x = ConvMixerLayer(self.kernel_size, self.depthwise_impl, dtype, name=f"mixer_{i}")(
-          x, train)
-    x = jnp.mean(x, axis=(1, 2))
+      x = ConvMixerLayer(self.kernel_size, impl, layout, dtype, name=f"mixer_{i}")(x, train)
+    x = jnp.mean(x, axis=(1, 2)) if layout == "NHWC" else jnp.mean(x, axis=(2, 3)).T
     x = nn.Dense(self.num_classes, dtype=dtype, kernel_init=torch_uniform_init((0,)),
                  bias_init=_bias_init(d), name="head")(x)
     return x.astype(jnp.float32)
-
-
-class ConvMixerLayer(nn.Module):
-  """One mixer layer: residual depthwise conv -> GELU -> BN, then 1x1 conv -> GELU -> BN."""
-
-  kernel_size: int
-  depthwise_impl: str = "auto"
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
-    d = x.shape[-1]
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
-    gelu = functools.partial(nn.gelu, approximate=False)
-    y = DepthwiseConv(self.kernel_size, self.depthwise_impl, self.dtype, name="depthwise")(x)
-    x = x + norm(name="norm_dw")(gelu(y))
-    x = nn.Dense(d, dtype=self.dtype, kernel_init=torch_uniform_init((0,)),
-                 bias_init=_bias_init(d), name="pointwise")(x)
-    return norm(name="norm_pw")(gelu(x))
 
 
 # name -> (dim, depth, kernel_size, patch_size); the paper's CIFAR/224 sizes and the ImageNet

@@ -1,0 +1,296 @@
+"""Times one training step of ConvMixer-256/8 and ViT-S/16 in JAX (and PyTorch, if installed).
+
+  .venv/bin/python benchmarks/bench_models.py                      # both models, defaults
+  .venv/bin/python benchmarks/bench_models.py --models convmixer --convmixer-batch 16
+  .venv/bin/python benchmarks/bench_models.py --dtype bfloat16 --vit-batch 256   # accelerator
+
+A step is forward + cross-entropy + backward + AdamW update (+ BatchNorm statistics for
+ConvMixer) on random data, timed after compilation / warm-up as the best and median of
+`--steps` runs. For ConvMixer every depthwise formulation in `--depthwise` is timed
+("auto" resolves per backend). When `torch` imports (the optional `bench` extra:
+`.venv/bin/pip install torch==2.13.0`, a CPU wheel) the same networks and step run in
+PyTorch in the same process (channels-last for ConvMixer, as its CPU kernels want) and the
+JAX / PyTorch time ratio is printed. Model FLOPs per step are 3x the forward pass's (XLA
+cost analysis; ConvMixer counted with the plain grouped conv); on a GPU/TPU with a known
+peak (or `--peak-tflops`) model FLOPs utilisation (MFU) is printed too. JAX and PyTorch
+steps are timed in alternation, so a busy spell slows both; still, timings on a shared
+machine are noisy: rerun on a quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from etcjax import models  # noqa: E402
+from etcjax.models import convmixer  # noqa: E402
+
+# Dense bf16 peak TFLOP/s per chip for MFU (vendor figures; fp32 runs are compared to it too).
+PEAK_TFLOPS = {
+    "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "V100": 125.0,
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
+    "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+}
+
+
+def peak_tflops(device: jax.Device) -> float | None:
+  kind = device.device_kind
+  for name, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind.lower():
+      return tflops
+  return None
+
+
+def time_interleaved(runners: dict[str, Callable[[], object]], steps: int
+                     ) -> dict[str, tuple[float, float]]:
+  """Runs every runner once (warm-up), then `steps` rounds of each in turn.
+
+  Interleaving spreads a busy machine's slow spells over all contenders instead of one.
+
+  Returns:
+    `{name: (best seconds, median seconds)}`.
+  """
+  for fn in runners.values():
+    fn()
+  times: dict[str, list[float]] = {name: [] for name in runners}
+  for _ in range(steps):
+    for name, fn in runners.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: (min(t), statistics.median(t)) for name, t in times.items()}
+
+
+# ----------------------------------------------------------------------------------- JAX
+
+
+def model_flops_per_image(model, size: int) -> float | None:
+  """Training FLOPs per image: 3x the forward pass's (XLA cost analysis, batch 1).
+
+  The usual "model FLOPs" of MFU: backward = 2x forward, recomputation (remat) not counted.
+  """
+  x = jnp.zeros((1, size, size, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  try:
+    analysis = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+        variables, x).cost_analysis()
+    return 3.0 * float(analysis["flops"])
+  except Exception:  # noqa: BLE001 - cost analysis is best effort (not every backend has it)
+    return None
+
+
+def jax_step_runner(model, batch: int, size: int, num_classes: int) -> Callable[[], None]:
+  """Compiles a training step; returns a runner doing one step."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, num_classes, batch))
+  variables = model.init(jax.random.key(0), x[:1], train=False)
+  params = variables["params"]
+  stats = variables.get("batch_stats", {})
+  tx = optax.adamw(1e-3, weight_decay=0.05)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, stats, x, y, key):
+    logits, updates = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                                  rngs={"dropout": key}, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, updates.get("batch_stats", stats)
+
+  def step(params, stats, opt_state, x, y, key):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats, x, y, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), stats, opt_state, loss
+
+  jitted = jax.jit(step, donate_argnums=(0, 1, 2))
+  key = jax.random.key(1)
+  compiled = jitted.lower(params, stats, opt_state, x, y, key).compile()
+  state = [params, stats, opt_state]
+
+  def run():
+    state[0], state[1], state[2], loss = compiled(*state, x, y, key)
+    jax.block_until_ready(loss)
+
+  return run
+
+
+# ------------------------------------------------------------------------------- PyTorch
+
+
+def torch_models(torch):
+  """The paper's ConvMixer and a timm-equivalent ViT, in PyTorch (built only if it imports)."""
+  nn = torch.nn
+
+  class Residual(nn.Module):
+    def __init__(self, fn):
+      super().__init__()
+      self.fn = fn
+
+    def forward(self, x):
+      return self.fn(x) + x
+
+  def conv_mixer(dim, depth, kernel_size, patch_size, n_classes):
+    return nn.Sequential(
+        nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size), nn.GELU(),
+        nn.BatchNorm2d(dim),
+        *[nn.Sequential(
+            Residual(nn.Sequential(
+                nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"), nn.GELU(),
+                nn.BatchNorm2d(dim))),
+            nn.Conv2d(dim, dim, kernel_size=1), nn.GELU(), nn.BatchNorm2d(dim))
+          for _ in range(depth)],
+        nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(dim, n_classes))
+
+  class Block(nn.Module):
+    def __init__(self, dim, heads, mlp):
+      super().__init__()
+      self.heads = heads
+      self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+      self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+      self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
+
+    def forward(self, x):
+      b, t, d = x.shape
+      q, k, v = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+      a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+      x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+      return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
+
+  class ViT(nn.Module):
+    def __init__(self, patch, dim, depth, heads, mlp, n_classes, size):
+      super().__init__()
+      self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+      self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+      self.pos_embed = nn.Parameter(torch.randn(1, 1 + (size // patch) ** 2, dim) * 0.02)
+      self.blocks = nn.Sequential(*[Block(dim, heads, mlp) for _ in range(depth)])
+      self.norm, self.head = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, n_classes)
+
+    def forward(self, x):
+      x = self.patch_embed(x).flatten(2).transpose(1, 2)
+      x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+      return self.head(self.norm(self.blocks(x))[:, 0])
+
+  return conv_mixer, ViT
+
+
+def torch_step_runner(torch, model, batch: int, size: int, num_classes: int,
+                      channels_last: bool) -> Callable[[], None]:
+  """Returns a runner doing one PyTorch training step."""
+  torch.manual_seed(0)
+  x = torch.rand(batch, 3, size, size) * 2 - 1
+  y = torch.randint(0, num_classes, (batch,))
+  if channels_last:
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+  loss_fn = torch.nn.CrossEntropyLoss()
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+
+  return run
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default="convmixer,vit",
+                      help="comma-separated subset of convmixer,vit")
+  parser.add_argument("--convmixer-batch", type=int, default=64)
+  parser.add_argument("--vit-batch", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
+  parser.add_argument("--depthwise", default="auto,conv",
+                      help=f"ConvMixer depthwise formulations, from {convmixer.DEPTHWISE_IMPLS}")
+  parser.add_argument("--layouts", default="auto",
+                      help=f"ConvMixer activation layouts, from {convmixer.LAYOUTS}")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--vit-remat", action="store_true", help="ViT with remat=True")
+  parser.add_argument("--vit-scan", action="store_true", help="ViT with scan=True")
+  parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+  parser.add_argument("--peak-tflops", type=float, default=None,
+                      help="accelerator peak TFLOP/s for MFU (default: from the device kind)")
+  args = parser.parse_args(argv)
+
+  device = jax.devices()[0]
+  peak = args.peak_tflops or (peak_tflops(device) if device.platform != "cpu" else None)
+  print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
+        f"{jax.device_count()} device(s), {os.cpu_count()} CPU(s), dtype {args.dtype}")
+  torch = None
+  if not args.no_torch:
+    try:
+      import torch  # type: ignore[no-redef]
+      torch.set_num_threads(os.cpu_count() or 1)
+      print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    except ImportError:
+      print("torch not installed: JAX timings only (pip install the 'bench' extra)")
+
+  wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+  runs = []
+  if "convmixer" in wanted:
+    for impl in [s.strip() for s in args.depthwise.split(",") if s.strip()]:
+      for layout in [s.strip() for s in args.layouts.split(",") if s.strip()]:
+        resolved = convmixer.resolve_depthwise_impl(impl)
+        label = f"{resolved},{convmixer.resolve_layout(layout, resolved)}"
+        runs.append((f"ConvMixer-256/8 [{label}]", "convmixer",
+                     models.create("ConvMixer-256_8", 10, depthwise_impl=impl, layout=layout,
+                                   dtype=args.dtype), args.convmixer_batch, 32))
+  if "vit" in wanted:
+    runs.append(("ViT-S/16", "vit",
+                 models.create("ViT-S_16", 10, dtype=args.dtype, remat=args.vit_remat,
+                               scan=args.vit_scan), args.vit_batch, 224))
+
+  runners: dict[str, Callable[[], None]] = {}
+  flops: dict[str, float | None] = {}
+  for label, kind, model, batch, size in runs:
+    runners[label] = jax_step_runner(model, batch, size, 10)
+    # Count ConvMixer with the standard grouped conv: every formulation does the same math.
+    counted = model.clone(depthwise_impl="conv", layout="NHWC") if kind == "convmixer" else model
+    per_image = model_flops_per_image(counted, size)
+    flops[label] = per_image * batch if per_image else None
+    torch_label = f"PyTorch {kind}"
+    if torch is not None and device.platform == "cpu" and torch_label not in runners:
+      conv_mixer, vit_cls = torch_models(torch)
+      if kind == "convmixer":
+        tmodel, channels_last = conv_mixer(256, 8, 9, 1, 10), True
+      else:
+        tmodel, channels_last = vit_cls(16, 384, 12, 6, 1536, 10, size), False
+      runners[torch_label] = torch_step_runner(torch, tmodel, batch, size, 10, channels_last)
+  times = time_interleaved(runners, args.steps)
+
+  for label, kind, _, batch, size in runs:
+    best, median = times[label]
+    line = (f"{label:30s} batch {batch:4d} @{size}: JAX best {best:8.3f} s  median "
+            f"{median:8.3f} s  {batch / best:9.1f} img/s")
+    if flops[label]:
+      f = flops[label]
+      line += f"  {f / 1e9:8.1f} model GFLOP/step  {f / best / 1e12:7.3f} TFLOP/s"
+      if peak:
+        line += f"  MFU {100 * f / best / (peak * 1e12):5.1f}% of {peak:g} TFLOP/s"
+    torch_label = f"PyTorch {kind}"
+    if torch_label in times:
+      tbest, tmedian = times[torch_label]
+      line += (f"\n{'':30s} PyTorch best {tbest:8.3f} s  median {tmedian:8.3f} s  "
+               f"{batch / tbest:9.1f} img/s   JAX/PyTorch time ratio {best / tbest:5.2f} "
+               f"(median {median / tmedian:5.2f})")
+    print(line, flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
