@@ -23,6 +23,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", perms: int | None = 
     path: destination file. Its folder must exist.
     mode: "wb" or "w".
     perms: file mode bits (e.g. 0o600 for key files), set before any byte is written.
+      Default: what `open()` would give a new file (0o666 minus the umask), since
+      `tempfile.mkstemp` itself always creates 0o600 files.
 
   On any exception the temporary file is removed and `path` is left untouched.
   """
@@ -30,8 +32,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", perms: int | None = 
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path)[-16:], dir=folder)
   try:
-    if perms is not None:
-      os.fchmod(fd, perms)
+    os.fchmod(fd, _default_perms() if perms is None else perms)
     with os.fdopen(fd, mode) as f:
       yield f
       f.flush()
@@ -41,6 +42,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", perms: int | None = 
     with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
     raise
+
+
+def _default_perms() -> int:
+  umask = os.umask(0o022)  # reading the umask means setting it; restore at once
+  os.umask(umask)
+  return 0o666 & ~umask
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, perms: int | None = None) -> None:
