@@ -30,15 +30,28 @@ from ml_collections import config_flags
 from etcjax.errors import UserError
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, optionally PATH:ARG (ARG is "
-                                "passed to get_config).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and TensorBoard logs.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                  "train (resumes from workdir's checkpoints) or eval (latest checkpoint).")
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-host: HOST:PORT of process 0's coordinator.")
-flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0-based.")
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines this entry point's flags on `flag_values`."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Config file, optionally PATH:ARG (ARG is passed to get_config).",
+      flag_values=flag_values, lock_config=True)
+  flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and TensorBoard logs.",
+                      flag_values=flag_values)
+  flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                    "train (resumes from workdir's checkpoints) or eval (latest checkpoint).",
+                    flag_values=flag_values)
+  flags.DEFINE_string("coordinator_address", None,
+                      "Multi-host: HOST:PORT of process 0's coordinator.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.",
+                       flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0-based.",
+                       flag_values=flag_values)
+
+
+define_flags(FLAGS)
 
 # Environment variables that Cloud TPU VMs of multi-host slices set.
 _TPU_POD_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -79,6 +92,8 @@ def _setup_logging() -> None:
 
 def run(config: Any, workdir: str, mode: str = "train") -> dict[str, Any]:
   """Runs training or evaluation of `config` in `workdir`; returns the metrics document."""
+  from etcjax import config as config_lib
+  config_lib.validate(config)  # Before the heavy imports: bad configs fail at once.
   import jax
 
   from etcjax import train
@@ -90,15 +105,26 @@ def run(config: Any, workdir: str, mode: str = "train") -> dict[str, Any]:
   return train.train_and_evaluate(config, workdir)
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
-  """Parses `argv` (argv[0] is the program name) into FLAGS; returns the rest.
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None
+                ) -> flags.FlagValues:
+  """Parses `argv` (argv[0] is the program name) into `flag_values`.
+
+  Args:
+    argv: the command line.
+    flag_values: where to parse to; None = a fresh set (`define_flags`), so that one
+      process can parse several command lines (`etcjax train` called from Python).
 
   Raises:
     UserError: an unknown flag, a config file that fails (bad variant, syntax), a bad
       `--config.x=y` override, or a missing --config / --workdir.
   """
+  if flag_values is None:
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+  argv = list(argv)
+  saved, sys.argv = sys.argv, argv  # config_flags reads --config.x overrides from sys.argv.
   try:
-    rest = FLAGS(list(argv))
+    flag_values(argv)
   except UserError:
     raise
   except flags.Error as e:
@@ -114,11 +140,13 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
                     f"options: {', '.join(sorted(base_config().keys()))}") from None
   except (ValueError, TypeError) as e:
     raise UserError(f"bad --config override: {' '.join(str(e).split())}") from None
-  if FLAGS.config is None:
+  finally:
+    sys.argv = saved
+  if flag_values.config is None:
     raise UserError("--config is required (e.g. --config configs/demo.py)")
-  if not FLAGS.workdir:
+  if not flag_values.workdir:
     raise UserError("--workdir is required")
-  return rest
+  return flag_values
 
 
 def _print_error(e: BaseException) -> None:
@@ -128,24 +156,26 @@ def _print_error(e: BaseException) -> None:
 def _parse_or_exit(argv: list[str]) -> list[str]:
   """absl `flags_parser` for `python -m etcjax.main`: bad flags exit 2 with one line."""
   try:
-    return parse_flags(argv)
+    parse_flags(argv, FLAGS)
+    return argv[:1]
   except UserError as e:
     _print_error(e)
     sys.exit(2)
 
 
-def run_from_flags() -> dict[str, Any]:
-  """Runs with the parsed FLAGS."""
+def run_from_flags(flag_values: flags.FlagValues) -> dict[str, Any]:
+  """Runs with parsed flags (`parse_flags`); returns the metrics document."""
   _setup_logging()
-  initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  return run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  fv = flag_values
+  initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
+  return run(fv.config, fv.workdir, fv.mode)
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    doc = run_from_flags()
+    doc = run_from_flags(FLAGS)
   except (UserError, ValueError, OSError) as e:
     _print_error(e)
     sys.exit(2)

@@ -51,6 +51,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -453,7 +454,8 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict | None = 
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints if config else None,
       enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  root = workdir if _is_url(workdir) else os.path.abspath(workdir)
+  return ocp.CheckpointManager(os.path.join(root, "checkpoints"),
                                options=options, item_names=("state", "meta"))
 
 
@@ -517,9 +519,25 @@ def config_record(config: ml_collections.ConfigDict, setup: Setup) -> dict[str, 
   return {"config": json.loads(config.to_json()), **setup.data_identity}
 
 
+def _is_url(path: str) -> bool:
+  """True for object-store paths such as gs://bucket/run (the workdir of Cloud TPU runs)."""
+  return "://" in str(path)
+
+
+def _makedirs(path: str) -> None:
+  if _is_url(path):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
 def _write_json(path: str, doc: dict[str, Any]) -> None:
   if jax.process_index() == 0:
-    fileio.write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    if _is_url(path):
+      epath.Path(path).write_text(text)  # Objects are replaced whole: never half-written.
+    else:
+      fileio.write_text(path, text)
 
 
 def _metrics_doc(setup: Setup, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -546,7 +564,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     The final metrics document (also written to `workdir/metrics.json`).
   """
-  os.makedirs(workdir, exist_ok=True)
+  _makedirs(workdir)
   setup = build(config)
   logging.info("data: %s, %d train / %d eval examples on process %d; images seen as %s",
                setup.dataset.name, len(setup.train_images), len(setup.eval_images),
@@ -563,10 +581,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _write_json(os.path.join(workdir, "config.json"), config_record(config, setup))
 
   train_step, eval_step = make_train_step(setup, tx), make_eval_step(setup)
-  # TensorBoard event files from process 0; the console gets the progress lines below.
-  writer = metric_writers.MultiWriter(
-      [metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))]
-      if jax.process_index() == 0 else [])
+  # TensorBoard event files (process 0) and "[step] name=value" log lines.
+  writer = metric_writers.create_default_writer(workdir,
+                                                just_logging=jax.process_index() > 0)
   total = config.num_train_steps
   start = int(state.step)
   order = pipeline.TrainOrder(len(setup.train_images),
@@ -596,13 +613,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         t_log, step_log = time.perf_counter(), step
         last_train_loss = summary["train_loss"]
         writer.write_scalars(step, summary)
-        logging.info("step %d/%d: train loss %.4f, %.1f images/s, ETA %s", step, total,
-                     summary["train_loss"], summary["images_per_sec"],
+        logging.info("step %d/%d (%.0f%%), %.1f images/s, ETA %s", step, total,
+                     100 * step / total, summary["images_per_sec"],
                      _format_duration((total - step) / summary["steps_per_sec"]))
       if step % config.eval_every_steps == 0 or step == total:
         result = run_eval(setup, state, eval_step)
-        logging.info("step %d/%d: eval accuracy %.4f, loss %.4f", step, total,
-                     result["eval_accuracy"], result["eval_loss"])
         writer.write_scalars(step, result)
         history.append({"step": step, "train_loss": last_train_loss, **result})
         _write_json(os.path.join(workdir, "metrics.json"), _metrics_doc(setup, history))

@@ -28,14 +28,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(mode: str, argv: list[str]) -> int:
-  """Parses `argv` as etcjax.main flags and trains or evaluates; prints the final metrics."""
+  """Parses `argv` as etcjax.main flags and trains or evaluates; prints the final metrics.
+
+  Returns 0, or 143 when a training run stopped early at a preemption notice (SIGTERM).
+  """
   from etcjax import main
   if {"-h", "--help", "--helpshort"} & set(argv):
     print(main.FLAGS.module_help(main))
     return 0
-  main.parse_flags([f"etcjax {mode}", *argv, f"--mode={mode}"])
-  result = main.run_from_flags()
+  flag_values = main.parse_flags([f"etcjax {mode}", *argv, f"--mode={mode}"])
+  result = main.run_from_flags(flag_values)
   summary = {k: result.get(k) for k in ("step", "eval_accuracy", "eval_loss",
                                         "key_fingerprint")}
   print(json.dumps(summary), file=sys.stdout)
+  if result.get("preempted"):
+    from etcjax.preemption import PREEMPTED_EXIT_CODE
+    return PREEMPTED_EXIT_CODE  # Saved at a SIGTERM before the last step: start it again.
   return 0
