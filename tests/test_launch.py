@@ -412,3 +412,26 @@ def test_gcloud_parses_every_printed_command(tmp_path):
                           text=True, env=env, timeout=60)
     assert "do not currently have an active account" in proc.stderr, (cmd, proc.stderr)
   assert len(checked) >= 10
+
+
+def test_trainer_keeps_a_bucket_workdir_a_url(monkeypatch):
+  """launch/train.sh puts the workdir in a bucket: the trainer must hand gs:// paths to
+  orbax and write its JSON there, not to a local folder named "gs:" (checkpoints would be
+  lost with the VM). No bucket is reachable here, so the storage calls are recorded."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  from etcjax import train
+  calls = []
+  monkeypatch.setattr(ocp, "CheckpointManager", lambda directory, **kw: calls.append(
+      ("manager", str(directory))))
+  gpath = type(epath.Path("gs://my-bkt/x"))  # The class epath uses for gs:// paths.
+  monkeypatch.setattr(gpath, "write_text", lambda self, text: calls.append(
+      ("write", str(self), json.loads(text))))
+  monkeypatch.setattr(gpath, "mkdir", lambda self, **kw: calls.append(("mkdir", str(self))))
+  train.checkpoint_manager("gs://my-bkt/etcjax/runs/r")
+  train._write_json("gs://my-bkt/etcjax/runs/r/metrics.json", {"step": 3})
+  train._makedirs("gs://my-bkt/etcjax/runs/r")
+  assert calls == [("manager", "gs://my-bkt/etcjax/runs/r/checkpoints"),
+                   ("write", "gs://my-bkt/etcjax/runs/r/metrics.json", {"step": 3}),
+                   ("mkdir", "gs://my-bkt/etcjax/runs/r")]
