@@ -136,6 +136,18 @@ def test_dropout_and_stochastic_depth_are_random_in_training_only(scan):
   assert not np.allclose(t1, apply(0, False))
 
 
+def test_fused_and_flax_attention_agree():
+  params = _random_params(_tiny())
+  ref = _tiny(attention_impl="flax").apply({"params": params}, _images())
+  for impl in ("fused", "auto"):
+    np.testing.assert_allclose(_tiny(attention_impl=impl).apply({"params": params}, _images()),
+                               ref, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="attention dropout"):
+    _tiny(attention_impl="fused", attention_dropout_rate=0.1).init(jax.random.key(0), _images())
+  with pytest.raises(ValueError, match="attention_impl"):
+    _tiny(attention_impl="flash").init(jax.random.key(0), _images())
+
+
 def test_drop_path_keeps_the_expectation():
   x = jnp.ones((20000, 3))
   y = vit.drop_path(x, 0.25, jax.random.key(0))

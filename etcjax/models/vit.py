@@ -103,6 +103,18 @@ def drop_path(x: Array, rate: Array | float, rng: Array) -> Array:
   return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
 
 
+ATTENTION_IMPLS = ("auto", "flax", "fused")
+
+
+def fused_attention(query: Array, key: Array, value: Array) -> Array:
+  """`jax.nn.dot_product_attention` on `(N, T, heads, head_dim)` (no mask, no dropout).
+
+  On GPUs it can dispatch to cuDNN's fused (flash) attention for bf16/fp16 inputs; elsewhere
+  it is XLA's softmax(q k^T / sqrt(d)) v, like Flax's default.
+  """
+  return jax.nn.dot_product_attention(query, key, value)
+
+
 class MlpBlock(nn.Module):
   """Transformer MLP: Dense(mlp_dim) -> exact GELU -> dropout -> Dense(D) -> dropout."""
 
@@ -134,16 +146,18 @@ class Encoder1DBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   use_drop_path: bool = False
+  use_fused_attention: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, drop_path_rate: Array | float, deterministic: bool
                ) -> tuple[Array, None]:
     y = nn.LayerNorm(dtype=self.dtype)(x)
+    extra = dict(attention_fn=fused_attention) if self.use_fused_attention else {}
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(), broadcast_dropout=False,
-        dropout_rate=self.attention_dropout_rate, deterministic=deterministic)(y, y)
+        dropout_rate=self.attention_dropout_rate, deterministic=deterministic, **extra)(y, y)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     if self.use_drop_path and not deterministic:
       y = drop_path(y, drop_path_rate, self.make_rng("dropout"))
@@ -177,6 +191,7 @@ class Encoder(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   scan: bool = False
+  use_fused_attention: bool = False
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -191,7 +206,8 @@ class Encoder(nn.Module):
     kwargs = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
                   dropout_rate=self.dropout_rate,
                   attention_dropout_rate=self.attention_dropout_rate,
-                  use_drop_path=self.stochastic_depth > 0, dtype=self.dtype)
+                  use_drop_path=self.stochastic_depth > 0,
+                  use_fused_attention=self.use_fused_attention, dtype=self.dtype)
     if self.scan:
       x, _ = nn.scan(
           block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
@@ -218,6 +234,9 @@ class VisionTransformer(nn.Module):
     dtype: computation dtype ("float32" or "bfloat16"); parameters and logits stay float32.
     remat: recompute each block's activations in the backward pass (saves memory).
     scan: run the blocks as one `nn.scan` (faster compiles for deep models; stacked params).
+    attention_impl: "flax" (Flax's einsum-softmax attention), "fused"
+      (`jax.nn.dot_product_attention`: cuDNN flash attention on GPUs for bf16) or "auto"
+      ("fused" unless attention dropout is on, which only "flax" implements).
 
   Call: `(images (N, H, W, 3) float in [-1, 1], train: bool) -> logits (N, num_classes)`.
   Dropout and stochastic depth draw from the "dropout" RNG stream when `train=True`.
@@ -237,11 +256,20 @@ class VisionTransformer(nn.Module):
   dtype: Any = "float32"
   remat: bool = False
   scan: bool = False
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> Array:
     if self.classifier not in ("token", "gap"):
       raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"unknown attention_impl {self.attention_impl!r}; valid: "
+                       f"{', '.join(ATTENTION_IMPLS)}")
+    if self.attention_impl == "fused" and self.attention_dropout_rate > 0:
+      raise ValueError("attention_impl='fused' has no attention dropout; use 'flax' or set "
+                       "attention_dropout_rate=0")
+    fused = self.attention_impl == "fused" or (
+        self.attention_impl == "auto" and self.attention_dropout_rate == 0)
     dtype = jnp.dtype(self.dtype)
     n, h, w, _ = images.shape
     p = self.patch_size
@@ -258,7 +286,7 @@ class VisionTransformer(nn.Module):
         num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         stochastic_depth=self.stochastic_depth, dtype=dtype, remat=self.remat, scan=self.scan,
-        name="Transformer")(x, train=train)
+        use_fused_attention=fused, name="Transformer")(x, train=train)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=dtype, name="pre_logits")(x))
