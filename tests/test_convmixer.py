@@ -170,3 +170,39 @@ def test_preprocess_maps_to_symmetric_range():
   assert models.input_range("ConvMixer-256_8") == (-1.0, 1.0)
   np.testing.assert_allclose(models.preprocess("ConvMixer-256_8")(jnp.array([0.0, 1.0])),
                              [-1.0, 1.0])
+
+
+_SHARDED = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from etcjax import models
+mesh = Mesh(np.array(jax.devices()), ("data",))
+x = jax.random.uniform(jax.random.key(1), (8, 8, 8, 3), minval=-1, maxval=1)
+ref_model = models.create("ConvMixer-tiny-test", 4, depthwise_impl="conv", layout="NHWC")
+model = models.create("ConvMixer-tiny-test", 4)  # auto: shift + CNHW on CPU
+variables = ref_model.init(jax.random.key(0), x)
+def grads(m, x):
+  def loss(p):
+    out, upd = m.apply(dict(variables, params=p), x, train=True, mutable=["batch_stats"])
+    return jnp.sum(out ** 2), upd
+  return jax.grad(loss, has_aux=True)(variables["params"])
+ref = jax.jit(lambda x: grads(ref_model, x))(x)
+xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+got = jax.jit(lambda x: grads(model, x), out_shardings=NamedSharding(mesh, P()))(xs)
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, ref)
+print("sharded-ok")
+"""
+
+
+@pytest.mark.slow
+def test_custom_gradient_under_a_batch_sharded_jit():
+  """The custom VJP and channel-major layout under a 4-device data-parallel jit."""
+  import subprocess
+  import sys
+
+  out = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True,
+                       timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "sharded-ok" in out.stdout
