@@ -24,7 +24,7 @@ import os
 import numpy as np
 
 from etcjax import fileio, keys, metrics
-from etcjax.attacks import itn
+from etcjax.attacks import itn, photos
 from etcjax.attacks import run as attack_run
 
 SCHEMES = ("le", "ele", "pe", "etc")
@@ -119,6 +119,11 @@ def evaluate(images: np.ndarray, names: list[str], key, config: ReportConfig = R
       "input_keyspace": keyspace_row(h, w, config.block_size, config.le_block_size),
       "schemes": {}}
   arrays: dict = {"plain": images}
+  # Trivial baseline: what an attacker who ignores the ciphertext can output, a flat image
+  # of the mean colour of their own photos.
+  mean_colour = photos.training_crops(32, 256, seed=config.train.seed).mean(axis=(0, 1, 2))
+  flat = np.broadcast_to(np.round(mean_colour).astype(np.uint8), images.shape)
+  results["baseline_flat_ssim"] = _mean(metrics.ssim(images, flat).tolist())
   for scheme in SCHEMES:
     entry: dict = {"attacks": {}}
     results["schemes"][scheme] = entry
@@ -295,7 +300,9 @@ def markdown(results: dict, figures: dict[str, str]) -> str:
       else:
         cells.append("n/a")
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  lines += ["", "Mean SSIM to the plain images (aligned SSIM in brackets).", ""]
+  lines += ["", "Mean SSIM to the plain images (aligned SSIM in brackets). Trivial baseline "
+            "(a flat image of the mean colour of the attacker's photos, ignoring the "
+            f"ciphertext): SSIM {_fmt(results['baseline_flat_ssim'])}.", ""]
   notes = []
   for scheme, entry in results["schemes"].items():
     kpa = entry["attacks"].get("kpa", {})

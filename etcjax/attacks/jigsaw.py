@@ -85,15 +85,21 @@ def from_blocks_np(blocks: np.ndarray, rows: int, cols: int) -> np.ndarray:
   return blocks.reshape(rows, cols, b, b, 3).swapaxes(1, 2).reshape(rows * b, cols * b, 3)
 
 
-def _stats(inner: np.ndarray, outer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Gradient mean and inverse covariance of (m, B, 3) boundary gradients outer - inner."""
+def _stats(inner: np.ndarray, outer: np.ndarray, ridge: float = 0.0
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """Gradient mean and inverse covariance of (m, B, 3) boundary gradients outer - inner.
+
+  `ridge` (squared pixel levels) is added to the covariance's diagonal: a noise floor for
+  lossy (JPEG) inputs, whose block edges carry quantisation steps that smooth blocks'
+  tiny gradient covariance would otherwise punish.
+  """
   grad = outer - inner
   dummy = np.broadcast_to(DUMMY_GRADIENTS, (grad.shape[0],) + DUMMY_GRADIENTS.shape)
   g = np.concatenate([grad, dummy], axis=1)
   mu = grad.mean(1)  # Gallagher: mean of the real gradients, covariance with the dummies.
   centred = g - g.mean(1, keepdims=True)
   cov = np.einsum("mri,mrj->mij", centred, centred) / (g.shape[1] - 1)
-  return mu, np.linalg.inv(cov)
+  return mu, np.linalg.inv(cov + ridge * np.eye(3))
 
 
 def _quad_terms(x: np.ndarray, u: np.ndarray, sinv: np.ndarray, x_is_row: bool):
@@ -109,8 +115,8 @@ def _quad_terms(x: np.ndarray, u: np.ndarray, sinv: np.ndarray, x_is_row: bool):
   return out if x_is_row else out.T
 
 
-def compatibility(blocks: np.ndarray) -> np.ndarray:
-  """MGC dissimilarity table, float32 (n, 4, n, 96).
+def compatibility(blocks: np.ndarray, ridge: float = 0.0) -> np.ndarray:
+  """MGC dissimilarity table, float32 (n, 4, n, 96). `ridge`: see `_stats`.
 
   `D[a, k, b, s]`: piece a turned by `RHO[k]` (its side k on the right, identity colour)
   with piece b in state s to its right. Self pairs are +inf.
@@ -123,8 +129,8 @@ def compatibility(blocks: np.ndarray) -> np.ndarray:
   allst = bs.all_states(x)  # (n, 96, B, B, 3)
   b1 = allst[:, :, :, 0].reshape(n * 96, -1, 3)
   b2 = allst[:, :, :, 1].reshape(n * 96, -1, 3)
-  mu_a, sinv_a = _stats(a2, a1)
-  mu_b, sinv_b = _stats(b2, b1)
+  mu_a, sinv_a = _stats(a2, a1, ridge)
+  mu_b, sinv_b = _stats(b2, b1, ridge)
   d_lr = _quad_terms(b1, a1 + mu_a[:, None], sinv_a, x_is_row=False)  # (n*4, n*96)
   d_rl = _quad_terms(a1, b1 + mu_b[:, None], sinv_b, x_is_row=True)
   d = (d_lr + d_rl).astype(np.float32).reshape(n, 4, n, 96)
@@ -157,7 +163,7 @@ def _allowed_states(states: str) -> np.ndarray:
 
 
 def solve(cipher_image: np.ndarray, block_size: int = 16, states: str = "all",
-          candidates_per_side: int = 8) -> JigsawResult:
+          candidates_per_side: int = 8, ridge: float = 0.0) -> JigsawResult:
   """Reassembles an EtC image (H, W, 3) with B x B blocks; see the module doc.
 
   Args:
@@ -166,6 +172,8 @@ def solve(cipher_image: np.ndarray, block_size: int = 16, states: str = "all",
     states: "all" (the attacker does not know which steps were used) or "perm-only"
       (blocks only moved: identity state assumed).
     candidates_per_side: how many best partners per piece side enter the spanning tree.
+    ridge: covariance noise floor in squared pixel levels (0 for lossless inputs; about 8
+      helps JPEG-decoded ones, see `_stats`).
   """
   img = np.asarray(cipher_image)
   if img.ndim != 3 or img.shape[-1] != 3:
@@ -180,7 +188,7 @@ def solve(cipher_image: np.ndarray, block_size: int = 16, states: str = "all",
   if n < 2:
     raise ValueError("jigsaw solver needs at least two blocks")
   allowed = _allowed_states(states)
-  table = compatibility(blocks)
+  table = compatibility(blocks, ridge)
   mask = np.full((4, bs.NUM_STATES), np.inf, np.float32)
   for k in range(4):
     mask[k, bs.COMPOSE[RHO[k], allowed]] = 0
