@@ -27,7 +27,8 @@ Every --poll seconds, look at the TPU VM and the run on its workers and act:
 
 Create options (launch/create.sh): --accelerator-type --version --spot --preemptible
 Setup options (launch/setup.sh):   --ref --repo --python --jax
-Train options (launch/train.sh):   --bucket --run --config --workdir --data-dir --key-file,
+Train options (launch/train.sh):   --bucket --run --config --workdir --data-dir --key-file
+                                   --init-from,
                                    and MAIN_ARGS after --
 Options:
   --poll SECONDS     time between checks (default: 300)
@@ -59,7 +60,7 @@ while (($#)); do
     --spot | --preemptible) create_args+=("$1"); shift ;;
     --ref | --repo | --python | --jax)
       etcjax_need_value "$@"; setup_args+=("$1" "$2"); shift 2 ;;
-    --bucket | --run | --config | --workdir | --data-dir | --key-file)
+    --bucket | --run | --config | --workdir | --data-dir | --key-file | --init-from)
       etcjax_need_value "$@"; train_args+=("$1" "$2"); shift 2 ;;
     --poll) etcjax_need_value "$@"; poll=$2; shift 2 ;;
     --max-failures) etcjax_need_value "$@"; max_failures=$2; shift 2 ;;

@@ -9,7 +9,7 @@ usage() {
   cat <<EOF
 Usage: launch/train.sh --name NAME --zone ZONE --bucket gs://BUCKET --run RUN
                        --config CONFIG [--workdir gs://...] [--data-dir gs://...]
-                       [--key-file FILE] [options] [-- MAIN_ARGS...]
+                       [--key-file FILE] [--init-from FILE] [options] [-- MAIN_ARGS...]
 
 Start \`python -m etcjax.main --config=CONFIG --workdir=WORKDIR MAIN_ARGS\` detached on
 every worker (--worker=all); on a pod slice the processes find each other by themselves
@@ -32,6 +32,10 @@ Options:
   --key-file FILE       a local EtC key file (researcher mode): copied to every worker
                         as ~/etcjax-keys/RUN.key (mode 0600) and passed as
                         --config.key_file. Never put keys in the bucket.
+  --init-from FILE      pretrained ViT weights (.npz / .safetensors) to fine-tune from:
+                        a local file (copied with scp) or gs://... (downloaded by the
+                        workers with \`gcloud storage cp\`), kept as ~/etcjax-weights/NAME
+                        on every worker (fetched once) and passed as --config.init_from
   -- MAIN_ARGS...       more arguments for etcjax.main, e.g. --config.batch_size=1024
 $ETCJAX_COMMON_HELP
 EOF
@@ -43,6 +47,7 @@ config=''
 workdir=''
 data_dir=''
 key_file=''
+init_from=''
 extra=()
 etcjax_split_eq "$@"
 set -- ${ETCJAX_ARGS[@]+"${ETCJAX_ARGS[@]}"}
@@ -58,6 +63,7 @@ while (($#)); do
     --workdir) etcjax_need_value "$@"; workdir=$2; shift 2 ;;
     --data-dir) etcjax_need_value "$@"; data_dir=$2; shift 2 ;;
     --key-file) etcjax_need_value "$@"; key_file=$2; shift 2 ;;
+    --init-from) etcjax_need_value "$@"; init_from=$2; shift 2 ;;
     --dry-run) ETCJAX_DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; extra=("$@"); break ;;
@@ -88,6 +94,21 @@ if [[ -n $key_file ]]; then
   etcjax_ssh all "chmod 600 etcjax-keys/$run.key"
   # Relative to the checkout, where the run starts.
   main_args+=(--config.key_file="../etcjax-keys/$run.key")
+fi
+if [[ -n $init_from ]]; then
+  weights=etcjax-weights/${init_from##*/}
+  [[ $weights =~ ^etcjax-weights/[A-Za-z0-9][A-Za-z0-9._-]*$ ]] ||
+    etcjax_die "--init-from $init_from: the file name may only contain letters, digits, '.', '_', '-'"
+  etcjax_note "put the pretrained weights on every worker (once)"
+  if [[ $init_from == gs://* ]]; then
+    etcjax_ssh all "mkdir -p etcjax-weights && { test -f $weights || gcloud storage cp $(etcjax_quote "$init_from") $weights; }"
+  else
+    [[ -f $init_from || $ETCJAX_DRY_RUN == 1 ]] || etcjax_die "--init-from $init_from: no such file"
+    etcjax_ssh all "mkdir -p etcjax-weights"
+    etcjax_run gcloud compute tpus tpu-vm scp "$init_from" "$ETCJAX_NAME:$weights" \
+      "${ETCJAX_GCLOUD_FLAGS[@]}" --worker=all
+  fi
+  main_args+=(--config.init_from="../$weights")
 fi
 main_args+=(${extra[@]+"${extra[@]}"})
 etcjax_note "start run $run on every worker; workdir $workdir"

@@ -172,6 +172,20 @@ def test_train_dry_run_key_file(tmp_path):
   assert all(b"\0" not in " ".join(c).encode() for c in cmds)
 
 
+def test_train_dry_run_init_from():
+  base = [*TPU, "--bucket=gs://b", "--run=r", "--config=configs/vit_imagenette.py:etc"]
+  cmds = dry_run("train.sh", *base, "--init-from", "gs://my-bkt/weights/ViT-B_16.npz")
+  assert remote(cmds[0]) == shlex.split(
+      "mkdir -p etcjax-weights && { test -f etcjax-weights/ViT-B_16.npz ||"
+      " gcloud storage cp gs://my-bkt/weights/ViT-B_16.npz etcjax-weights/ViT-B_16.npz; }")
+  assert remote(cmds[1])[-1] == "--config.init_from=../etcjax-weights/ViT-B_16.npz"
+  cmds = dry_run("train.sh", *base, "--init-from", "/data/ViT-B_16.npz")
+  assert remote(cmds[0]) == ["mkdir", "-p", "etcjax-weights"]
+  assert cmds[1] == GCLOUD_SCP + ["/data/ViT-B_16.npz", "my-tpu:etcjax-weights/ViT-B_16.npz",
+                                  "--zone=us-central2-b", "--worker=all"]
+  assert remote(cmds[2])[-1] == "--config.init_from=../etcjax-weights/ViT-B_16.npz"
+
+
 def test_logs_stop_status_delete_dry_run():
   (cmd,) = dry_run("logs.sh", *TPU, "--run", "vit1")
   assert cmd[:-1] == GCLOUD_SSH + ["--worker=0"]
@@ -217,6 +231,8 @@ def test_common_options_from_environment():
     (["train.sh", *TPU, "--run", "r", "--bucket", "gs://b"], "--config is required"),
     (["setup.sh", *TPU, "--ref", "no-such-ref-xyz"], "is not a commit"),
     (["logs.sh", *TPU, "--run", "r", "--worker", "first"], "--worker must be"),
+    (["train.sh", *TPU, "--run", "r", "--config", "c.py", "--bucket", "gs://b",
+      "--init-from", "gs://b/my weights.npz"], "the file name may only contain"),
     (["supervise.sh", *TPU, "--config", "c.py", "--bucket", "gs://b"], "--run is required"),
     (["supervise.sh", *TPU, "--run", "r", "--bucket", "gs://b"], "--config is required"),
 ])
