@@ -100,7 +100,10 @@ case $cmd in
   setup)
     uv=$HOME/.local/bin/uv
     if ! command -v uv >/dev/null && [[ ! -x $uv ]]; then
-      etcjax_run python3 -m pip install --user --quiet --upgrade uv
+      # pip refuses --user installs on images whose Python is "externally managed"
+      # (Ubuntu 24.04); uv's own installer also puts it in ~/.local/bin.
+      etcjax_run python3 -m pip install --user --quiet --upgrade uv ||
+        etcjax_run sh -c 'curl -LsSf https://astral.sh/uv/install.sh | sh'
     fi
     command -v uv >/dev/null && uv=$(command -v uv)
     etcjax_run "$uv" venv --allow-existing --python "$python_version" "$venv"
