@@ -237,3 +237,51 @@ def convmixer_recipe(tokens: set[str], train_examples: int) -> ml_collections.Co
   c.checkpoint_every_steps = 5000
   apply_common_variants(c, tokens)
   return c
+
+
+def demo_recipe(tokens: set[str]) -> ml_collections.ConfigDict:
+  """The demo: small models on the embedded digits, plain or EtC, minutes on a CPU.
+
+  Digits as coloured 32x32 images (`etcjax.data.sources.digits_arrays`), EtC with 8x8
+  blocks (16 blocks, a key space of about 150 bits). "convmixer" (default): a ConvMixer
+  with patch 4, dim 128, depth 4, kernel 5; "resnet": a narrow ResNet (one basic block per
+  stage, widths 16-128), not isotropic, for contrast. AdamW, one-cycle schedule, batch 64,
+  10 epochs.
+  "tiny": 4 steps on 32 eval images, for tests.
+  """
+  c = base_config()
+  c.dataset = "digits"
+  c.image_size = 32
+  c.block_size = 8
+  if "resnet" in tokens:
+    c.model = "ResNet-tiny-test"
+    c.model_overrides.stage_sizes = (1, 1, 1, 1)
+    c.model_overrides.widths = (16, 32, 64, 128)
+    c.model_overrides.stem_width = 16
+  else:
+    c.model = "ConvMixer-tiny-test"
+    c.model_overrides.dim = 128
+    c.model_overrides.depth = 4
+    c.model_overrides.kernel_size = 5
+    c.model_overrides.patch_size = 4
+  c.optimizer = "adamw"
+  c.learning_rate = 0.005
+  c.weight_decay = 0.01
+  c.schedule = "triangular"
+  c.grad_clip_norm = 1.0
+  c.batch_size = 64
+  c.num_train_steps = 10 * 1437 // 64
+  c.label_smoothing = 0.1
+  c.augment = "none"
+  c.log_every_steps = 25
+  c.eval_every_steps = 45
+  c.checkpoint_every_steps = 45
+  apply_common_variants(c, tokens)
+  if "tiny" in tokens:
+    c.num_train_steps = 4
+    c.batch_size = 16
+    c.log_every_steps = 2
+    c.eval_every_steps = 2
+    c.checkpoint_every_steps = 2
+    c.num_eval_examples = 32
+  return c

@@ -32,8 +32,8 @@ def test_owner_roundtrip_small(tmp_path):
 
 def test_demo_main_prints_report_path(tmp_path, capsys):
   pytest.importorskip("matplotlib")
-  rc = demo.main(["--out", str(tmp_path / "d"), "--quality", "80", "--photos", "astronaut",
-                  "flower", "--size", "64", "64"])
+  rc = demo.main(["--out", str(tmp_path / "d"), "--owner-only", "--quality", "80",
+                  "--photos", "astronaut", "flower", "--size", "64", "64"])
   assert rc == 0
   out = capsys.readouterr().out
   assert f"report: {tmp_path / 'd' / 'owner_roundtrip.md'}" in out
