@@ -180,9 +180,10 @@ def load_lpips_params(path: str | None = None) -> dict:
         params = _ArraysOnlyUnpickler(f).load()
   except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
     raise UserError(f"cannot read LPIPS weights {found}: {e}") from None
+  dummy = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   expected = jax.tree_util.tree_map(
-      np.shape, LPIPS().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                             jnp.zeros((1, 32, 32, 3)))["params"])
+      lambda v: tuple(v.shape),
+      jax.eval_shape(LPIPS().init, jax.random.key(0), dummy, dummy)["params"])
   got = jax.tree_util.tree_map(np.shape, params) if isinstance(params, dict) else None
   if got != expected:
     raise UserError(f"{found} does not hold LPIPS v0.1 AlexNet weights (names/shapes differ)")
