@@ -195,9 +195,30 @@ def build(config: ml_collections.ConfigDict, *, train: bool = True) -> Setup:
                     f"{config.batch_size // config.grad_accum_steps} must be a multiple of "
                     f"the number of devices ({n_dev})")
 
+  researcher = kind != "encrypted" and config.encryption != "none"
+  if researcher and not config.key_file:
+    raise UserError(f"config.encryption={config.encryption!r} on the plain dataset "
+                    f"{config.dataset} needs config.key_file (make one with "
+                    f"`etcjax keygen`), or use dataset 'encrypted:PATH'")
+  if kind != "encrypted" and config.encryption == "none" and config.key_file:
+    raise UserError(f"config.key_file={config.key_file!r} is set but "
+                    f"config.encryption='none'; set config.encryption or clear key_file")
+  # Encrypted before the device sees them: by the owner, or on host ahead of JPEG.
+  if config.augment != "none" and (kind == "encrypted" or researcher and config.jpeg_quality):
+    raise UserError(f"config.augment={config.augment!r} transforms plain images, but the "
+                    f"images reach the trainer already encrypted ({config.dataset}"
+                    f"{', JPEG' if config.jpeg_quality else ''}); use augment='none' "
+                    f"(mixup / CutMix are fine)")
+  if kind == "encrypted" and config.jpeg_quality:
+    raise UserError(f"config.jpeg_quality={config.jpeg_quality}: images from "
+                    f"{config.dataset} are used as stored; compress them with "
+                    f"`etcjax encrypt` instead (set config.jpeg_quality=0)")
+  key = _load_key(config) if config.key_file else None
+
   data = sources.load(config.dataset, size, shard=(jax.process_index(), n_proc),
                       data_dir=config.data_dir, train=train)
   train_images, eval_images, cipher = data.train, data.eval, None
+  scheme, fingerprint = config.encryption, key.fingerprint if key else None
   if kind == "encrypted":
     info = data.encrypted
     if config.encryption != info.scheme:
@@ -206,52 +227,27 @@ def build(config: ml_collections.ConfigDict, *, train: bool = True) -> Setup:
     if info.block_size != config.block_size:
       raise UserError(f"{config.dataset} was encrypted with block size {info.block_size} "
                       f"but config.block_size={config.block_size}")
-    if config.jpeg_quality:
-      raise UserError(f"config.jpeg_quality={config.jpeg_quality}: images from "
-                      f"{config.dataset} are used as stored; compress them with "
-                      f"`etcjax encrypt` instead (set config.jpeg_quality=0)")
     if data.eval.image_shape[:2] != (size, size):
       raise UserError(f"{config.dataset} holds {data.eval.image_shape[0]}x"
                       f"{data.eval.image_shape[1]} images but config.image_size={size}; "
                       f"encrypted images cannot be resized")
-    if config.key_file:
-      key = _load_key(config)
-      if key.fingerprint != info.key_fingerprint:
-        raise KeyMismatchError(f"key file {config.key_file} (fingerprint {key.fingerprint}) "
-                               f"is not the key of {config.dataset} (fingerprint "
-                               f"{info.key_fingerprint})")
-    scheme, fingerprint = info.scheme, info.key_fingerprint
-  elif config.encryption == "none":
-    if config.key_file:
-      raise UserError(f"config.key_file={config.key_file!r} is set but "
-                      f"config.encryption='none'; set config.encryption or clear key_file")
-    scheme, fingerprint = "none", None
-    if config.jpeg_quality:
-      compress = lambda split: pipeline.encode_jpeg(
-          split, config.jpeg_quality, lambda x: _resize_uint8(x, size))
-      train_images = compress(train_images) if train else None
-      eval_images = compress(eval_images)
-  else:
-    if not config.key_file:
-      raise UserError(f"config.encryption={config.encryption!r} on the plain dataset "
-                      f"{config.dataset} needs config.key_file (make one with "
-                      f"`etcjax keygen`), or use dataset 'encrypted:PATH'")
-    key = _load_key(config)
+    if key is not None and key.fingerprint != info.key_fingerprint:
+      raise KeyMismatchError(f"key file {config.key_file} (fingerprint {key.fingerprint}) "
+                             f"is not the key of {config.dataset} (fingerprint "
+                             f"{info.key_fingerprint})")
+    fingerprint = info.key_fingerprint
+  elif researcher:
     cipher = _make_cipher(config.encryption, key, size, config.block_size)
-    scheme, fingerprint = config.encryption, key.fingerprint
-    if config.jpeg_quality:
-      # JPEG must see encrypted images: encrypt and compress once, on host.
-      host_cipher = cipher
+  if config.jpeg_quality:
+    # JPEG in the loop, once on host as an owner would: resize, encrypt (JPEG must see
+    # encrypted images, so the device then has nothing left to encrypt), compress.
+    host_cipher, cipher = cipher, None
+    transform = lambda x: _resize_uint8(x, size)
+    if host_cipher is not None:
       transform = lambda x: np.asarray(host_cipher.encrypt(_resize_uint8(x, size)))
-      compress = lambda split: pipeline.encode_jpeg(split, config.jpeg_quality, transform)
-      train_images = compress(train_images) if train else None
-      eval_images = compress(eval_images)
-      cipher = None
-  if config.augment != "none" and (cipher is None and scheme != "none"):
-    raise UserError(f"config.augment={config.augment!r} transforms plain images, but the "
-                    f"images reach the trainer already encrypted ({config.dataset}"
-                    f"{', JPEG' if config.jpeg_quality else ''}); use augment='none' "
-                    f"(mixup / CutMix are fine)")
+    compress = lambda split: pipeline.encode_jpeg(split, config.jpeg_quality, transform)
+    train_images = compress(train_images) if train else None
+    eval_images = compress(eval_images)
 
   overrides = {"dtype": config.dtype, **config.model_overrides.to_dict()}
   try:

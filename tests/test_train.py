@@ -53,7 +53,7 @@ def etc_config(key_file, **overrides):
   """
   return tiny_config(encryption="etc", key_file=key_file, num_train_steps=5,
                      augment="flip_crop", mixup_alpha=0.5, cutmix_alpha=0.5,
-                     label_smoothing=0.1, **overrides)
+                     label_smoothing=0.1, keep_checkpoints=2, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,8 @@ def test_metrics_json_records_run_and_key_fingerprint_but_no_key(etc_run, key_fi
     if path.is_file():
       data = path.read_bytes()
       assert key_hex.encode() not in data and EtcKey.load(key_file).to_bytes() not in data, path
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "5"]
+  # Saved at 2, 4 and 5 (the end); the last two are kept.
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4", "5"]
   assert list(workdir.glob("events.out.tfevents.*"))
 
 
@@ -170,6 +171,57 @@ def test_gradient_accumulation_matches_one_big_batch():
   (one, loss_one), (acc, loss_acc) = states
   assert loss_one == pytest.approx(loss_acc, rel=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one, acc)
+
+
+@pytest.mark.slow  # bfloat16 compiles slowly on CPU.
+def test_bfloat16_compute_keeps_float32_params():
+  from etcjax.data import pipeline
+  config = tiny_config(model="ViT-tiny-test", dtype="bfloat16")
+  setup = train.build(config)
+  tx = train.make_optimizer(config)
+  order = pipeline.TrainOrder(len(setup.train_images), config.batch_size, config.seed)
+  batch = pipeline.to_global(next(pipeline.train_batches(setup.train_images, order, 0, 1)),
+                             setup.mesh)
+  state, metrics = train.make_train_step(setup, tx)(train.init_state(setup, tx), batch, None)
+  assert np.isfinite(float(metrics["train_loss"]))
+  assert {p.dtype for p in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+
+
+def test_cloud_mode_trains_on_an_encrypted_folder_without_a_key(tmp_path, key_file):
+  """`encrypted:PATH` from `etcjax encrypt`: no key, the manifest's fingerprint recorded."""
+  from test_data import write_folder
+
+  from etcjax import cli
+  plain = write_folder(tmp_path / "plain", n_train=8, n_test=4, size=(32, 32))
+  assert cli.main(["encrypt", "--key", key_file, str(plain), "--out", str(tmp_path / "enc"),
+                   "--block-size", "8", "--format", "jpeg", "--quality", "90"]) == 0
+  cloud = tiny_config(dataset=f"encrypted:{tmp_path / 'enc'}", encryption="etc",
+                      num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2,
+                      batch_size=8, num_eval_examples=0)
+  result = train.train_and_evaluate(cloud, str(tmp_path / "run"))
+  fingerprint = EtcKey.load(key_file).fingerprint
+  assert result["key_fingerprint"] == fingerprint and result["config"]["key_file"] == ""
+  assert result["history"][-1]["eval_examples"] == 12
+  # The owner (researcher mode, same key, plain images) can evaluate the cloud's model...
+  owner = tiny_config(dataset=f"folder:{plain}", encryption="etc", key_file=key_file,
+                      batch_size=8, num_eval_examples=0)
+  assert train.evaluate(owner, str(tmp_path / "run"))["eval_examples"] == 12
+  # ...nobody with another key can, and a wrong key given to the cloud is caught.
+  other = tmp_path / "other.key"
+  EtcKey.insecure_from_seed(9).save(other)
+  owner.key_file = str(other)
+  with pytest.raises(KeyMismatchError):
+    train.evaluate(owner, str(tmp_path / "run"))
+  cloud.key_file = str(other)
+  with pytest.raises(KeyMismatchError, match="is not the key of"):
+    train.build(cloud)
+  cloud.key_file = ""
+  cloud.augment = "flip_crop"
+  with pytest.raises(UserError, match="already encrypted"):
+    train.build(cloud)
+  cloud.augment, cloud.encryption = "none", "none"
+  with pytest.raises(UserError, match="holds 'etc'-encrypted images"):
+    train.build(cloud)
 
 
 def test_init_from_pretrained_vit_checkpoint(tmp_path):
