@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
   copy = best["copy (np.copyto, preallocated)"]
   loop = best["per-block Python loop"]
   print(f"EtC encrypt throughput, batch {n} x {size}x{size}x3 uint8, block {args.block_size}, "
-        f"{jax.devices()[0].platform}, {os.cpu_count()} CPUs, JAX {jax.__version__}")
+        f"{jax.devices()[0].platform}, {os.cpu_count()} CPUs, JAX {jax.__version__}, "
+        f"load average {os.getloadavg()[0]:.1f}")
   for name, v in best.items():
     print(f"  {name:<34}{v:>11.0f} img/s {100 * v / copy:>7.1f} % of copy {v / loop:>8.1f}x loop")
   fig = best["encrypt jit, recycled output"]
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"batch": n, "size": size, "block_size": args.block_size, "img_per_s": best,
+                 "load_average": os.getloadavg()[0],
                  "copy_fraction": fig / copy, "loop_speedup": fig / loop}, f, indent=1)
   return 0
 
