@@ -300,15 +300,14 @@ def model_inputs(setup: Setup, images: jax.Array, cipher: Any, key: jax.Array | 
 
 def encrypt_batch(setup: Setup) -> Callable[[jax.Array], jax.Array]:
   """A jitted uint8 batch -> encrypted model input in [0, 1] (for benchmarks, HLO checks)."""
-  data = NamedSharding(setup.mesh, PartitionSpec("data"))
+  data = pipeline.data_sharding(setup.mesh)
   return jax.jit(lambda images, cipher: model_inputs(setup, images, cipher, None),
                  in_shardings=(data, _replicated(setup.mesh)), out_shardings=data)
 
 
-def _variables(state: TrainState, params: Any) -> dict[str, Any]:
-  if state.batch_stats:
-    return {"params": params, "batch_stats": state.batch_stats}
-  return {"params": params}
+def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+  """Flax variables; models without BatchNorm have no batch_stats collection."""
+  return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
 def make_train_step(setup: Setup, tx: optax.GradientTransformation
@@ -321,9 +320,8 @@ def make_train_step(setup: Setup, tx: optax.GradientTransformation
   accum = config.grad_accum_steps
 
   def loss_fn(params, batch_stats, x, targets, rng):
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    logits, updates = model.apply(variables, x, train=True, rngs={"dropout": rng},
-                                  mutable=["batch_stats"])
+    logits, updates = model.apply(_variables(params, batch_stats), x, train=True,
+                                  rngs={"dropout": rng}, mutable=["batch_stats"])
     loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
     return loss, updates.get("batch_stats", batch_stats)
 
@@ -370,7 +368,7 @@ def make_train_step(setup: Setup, tx: optax.GradientTransformation
     return new_state, metrics
 
   repl = _replicated(mesh)
-  data = NamedSharding(mesh, PartitionSpec("data"))
+  data = pipeline.data_sharding(mesh)
   # Donating the old state halves peak memory on accelerators; XLA:CPU cannot use it.
   donate = () if jax.default_backend() == "cpu" else (0,)
   return jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
@@ -383,7 +381,8 @@ def make_eval_step(setup: Setup) -> Callable[[TrainState, dict, Any], dict]:
 
   def eval_step(state: TrainState, batch: dict, cipher: Any):
     x = setup.preprocess(model_inputs(setup, batch["image"], cipher, None))
-    logits = model.apply(_variables(state, state.params), x, train=False).astype(jnp.float32)
+    logits = model.apply(_variables(state.params, state.batch_stats), x, train=False)
+    logits = logits.astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = jnp.argmax(logits, -1) == batch["label"]
     mask = batch["mask"]
@@ -391,7 +390,7 @@ def make_eval_step(setup: Setup) -> Callable[[TrainState, dict, Any], dict]:
             "count": jnp.sum(mask)}
 
   repl = _replicated(setup.mesh)
-  data = NamedSharding(setup.mesh, PartitionSpec("data"))
+  data = pipeline.data_sharding(setup.mesh)
   return jax.jit(eval_step, in_shardings=(repl, data, repl), out_shardings=repl)
 
 
