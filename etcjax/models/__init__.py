@@ -50,8 +50,9 @@ def create(name: str, num_classes: int, **overrides: Any) -> nn.Module:
     num_classes: logits per image.
     **overrides: module attributes replacing the named config's, e.g. `dtype="bfloat16"`,
       `dropout_rate=0.1`, `stochastic_depth=0.1`, `remat=True`, `scan=True`,
-      `representation_size=768` (ViT); `depthwise_impl="conv"` (ConvMixer); `stem=...`
-      (ResNet). Unknown attributes raise ValueError naming them.
+      `representation_size=768`, `attention_impl="flax"` (ViT); `depthwise_impl="conv"`,
+      `layout="NHWC"` (ConvMixer); `stem=...` (ResNet). Unknown attributes raise ValueError
+      naming them and the valid ones.
 
   Returns:
     An unbound `flax.linen.Module`.
