@@ -13,10 +13,12 @@ import argparse
 import json
 import sys
 
+_HELP = {"train": "train a classifier (resumes from WORKDIR's checkpoints)",
+         "eval": "evaluate the latest checkpoint in WORKDIR"}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-  for mode, text in (("train", "train a classifier (resumes from WORKDIR's checkpoints)"),
-                     ("eval", "evaluate the latest checkpoint in WORKDIR")):
+  for mode, text in _HELP.items():
     # prefix_chars="+": leave every --flag to absl, which knows --config.x=y.
     p = subparsers.add_parser(
         mode, help=text, prefix_chars="+", add_help=False,
@@ -34,7 +36,9 @@ def run(mode: str, argv: list[str]) -> int:
   """
   from etcjax import main
   if {"-h", "--help", "--helpshort"} & set(argv):
-    print(main.FLAGS.module_help(main))
+    print(f"usage: etcjax {mode} --config FILE[:ARG] --workdir DIR [--config.FIELD=VALUE ...]\n"
+          f"{_HELP[mode]}; config fields: etcjax/config.py.\n"
+          f"{main.FLAGS.module_help(main)}")
     return 0
   flag_values = main.parse_flags([f"etcjax {mode}", *argv, f"--mode={mode}"])
   result = main.run_from_flags(flag_values)
