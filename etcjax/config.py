@@ -37,9 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_size = 32  # Model input and encryption geometry: image_size x image_size.
   c.num_eval_examples = 0  # Evaluate on the first N examples of the eval split; 0 = all.
   # --- encryption ---------------------------------------------------------------------
-  # "none" (plain images) or "etc" (block scrambling, rotation/flip, negative-positive,
-  # channel shuffle; DESIGN.md). With a plain dataset, "etc" needs `key_file` and
-  # encrypts on device (researcher mode). With dataset "encrypted:PATH" the images are
+  # "none" (plain images), "etc" (block scrambling, rotation/flip, negative-positive,
+  # channel shuffle; DESIGN.md) or another scheme of etcjax.schemes ("le", "ele", "pe").
+  # With a plain dataset, a scheme needs `key_file` and encrypts on device (researcher
+  # mode). With dataset "encrypted:PATH" the images are
   # already encrypted (cloud mode): `encryption` must name the manifest's scheme and no
   # key is needed (a key_file given there is only checked against the manifest).
   c.encryption = "none"
@@ -102,11 +103,8 @@ def _choice(config: ml_collections.ConfigDict, field: str, choices) -> None:
 
 
 def encryption_names() -> tuple[str, ...]:
-  """The encryption schemes the trainer knows: ("none", "etc", ...)."""
-  try:
-    from etcjax import schemes
-  except ImportError:
-    return ("none", "etc")
+  """The encryption schemes the trainer knows (`etcjax.schemes`): "none", "etc", ..."""
+  from etcjax import schemes  # Imports JAX: only when validating.
   return tuple(schemes.names())
 
 
