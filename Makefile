@@ -33,8 +33,14 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check etcjax tests benchmarks configs
 
+# Benchmarks (figures in the README). PyTorch is only needed for the side-by-side model
+# step; TORCH names the wheel (2.13.0 is a CPU build on the development machines).
+TORCH ?= torch==2.13.0
 bench: $(STAMP)
+	$(PY) -m pip install --quiet '$(TORCH)'
 	$(PY) benchmarks/bench_etc.py
+	$(PY) benchmarks/bench_models.py
+	$(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

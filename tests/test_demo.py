@@ -10,6 +10,7 @@ from etcjax import demo, report
 from etcjax.errors import UserError
 
 
+@pytest.mark.slow  # about a minute on 2 cores: runs in `make test-slow`
 def test_tiny_demo_trains_evaluates_and_reports(tmp_path, capsys):
   assert demo.main(["--out", str(tmp_path), "--tiny"]) == 0
   out = capsys.readouterr().out

@@ -321,6 +321,7 @@ print(json.dumps({"loss": result["eval_loss"], "acc": result["eval_accuracy"],
 """
 
 
+@pytest.mark.slow  # about a minute on 2 cores: runs in `make test-slow`
 def test_eight_devices_match_one_device(etc_run, tmp_path, key_file):
   """The same run on 8 fake CPU devices (data-parallel) matches the 1-device run."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
