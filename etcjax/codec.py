@@ -193,6 +193,8 @@ def decode(data: bytes, jpeg_decoder: str = "auto") -> np.ndarray:
         return _as_rgb(im, im.mode)
     except (OSError, SyntaxError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as e:
+      if isinstance(e, Image.UnidentifiedImageError):  # its text names a BytesIO object
+        raise ValueError("not a readable image (unknown format or corrupt data)") from None
       raise ValueError(f"not a readable image ({e})") from None
 
 

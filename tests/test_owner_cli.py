@@ -190,6 +190,16 @@ def test_bad_inputs_name_the_file_and_leave_no_partial_output(tree, keyfile, cap
     assert list(manifest["files"]) == ["0_good.png"]
 
 
+@pytest.mark.parametrize("command", ["encrypt", "decrypt"])
+def test_a_failure_before_any_output_leaves_no_output_folder(tmp_path, keyfile, capsys, command):
+  bad = tmp_path / "bad.jpg"
+  bad.write_bytes(b"not an image")
+  rc, _, err = run(capsys, command, "--key", keyfile, bad, "--out", tmp_path / "out")
+  line = error_line(err)
+  assert rc == 2 and "bad.jpg: not a readable image" in line and "BytesIO" not in line
+  assert not (tmp_path / "out").exists()
+
+
 def test_unwritable_output(tree, keyfile, capsys):
   blocker = tree / "afile"
   blocker.write_text("x")

@@ -18,6 +18,7 @@ temporary name and renamed when complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -162,13 +163,22 @@ def _plan_outputs(items: list[Item], out_dir: str, fmt: str) -> list[tuple[Item,
   return plan
 
 
-def _make_out_dir(out_dir: str) -> None:
+def _make_out_dir(out_dir: str) -> bool:
+  """Creates `out_dir` if needed; returns whether this call created it."""
+  created = not os.path.isdir(out_dir)
   try:
     os.makedirs(out_dir, exist_ok=True)
   except OSError as e:
     raise UserError(f"cannot create output folder {out_dir}: {e.strerror or e}") from None
   if not os.access(out_dir, os.W_OK | os.X_OK):
     raise UserError(f"output folder {out_dir} is not writable")
+  return created
+
+
+def _remove_if_empty(folder: str) -> None:
+  """Removes a folder this command created when a failure left nothing in it."""
+  with contextlib.suppress(OSError):
+    os.rmdir(folder)
 
 
 def _write(dst: str, img: np.ndarray, args: argparse.Namespace) -> int:
@@ -269,7 +279,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
          "which costs file size and quality")
   key = _load_key(args)
   items = collect_inputs(args.inputs)
-  _make_out_dir(args.out)
+  created = _make_out_dir(args.out)
   manifest = read_manifest(args.out)
   files: dict[str, dict] = {}
   if manifest is not None:
@@ -292,6 +302,8 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     # Also after an error, so the folder describes exactly the files it holds.
     if files:
       write_manifest(args.out, key, b, args, files)
+    elif created:
+      _remove_if_empty(args.out)
   print(f"encrypted {len(plan)} image(s) into {args.out} with key {key.fingerprint}, "
         f"block size {b}")
   return 0
@@ -322,7 +334,18 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
   for inp in args.inputs:
     if os.path.isdir(inp):
       tops[os.path.abspath(inp)] = read_manifest(inp)
-  _make_out_dir(args.out)
+  created = _make_out_dir(args.out)
+  try:
+    _decrypt_all(args, key, items, tops)
+  except BaseException:
+    if created:
+      _remove_if_empty(args.out)
+    raise
+  return 0
+
+
+def _decrypt_all(args: argparse.Namespace, key: keys.EtcKey, items: list[Item],
+                 tops: dict) -> None:
   plan = _plan_outputs(items, args.out, args.format)
   mcache: dict = {}
   scache: dict = {}
@@ -351,7 +374,6 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     h, w = img.shape[:2]
     _write(dst, etc.decrypt(img, _schedule(scache, key, h, w, b, it.src)), args)
   print(f"decrypted {len(plan)} image(s) into {args.out}")
-  return 0
 
 
 def cmd_compress_stats(args: argparse.Namespace) -> int:
