@@ -122,8 +122,11 @@ def test_tfds_sources_with_mock_data():
 def test_unknown_datasets_are_user_errors():
   with pytest.raises(UserError, match="tfds:NAME, folder:PATH, encrypted:PATH, digits"):
     sources.load("cifar10", 32)
-  with pytest.raises(UserError, match="tfds:no_such_dataset_xyz"):
+  with pytest.raises(UserError, match="tfds:no_such_dataset_xyz") as err:
     sources.load("tfds:no_such_dataset_xyz", 32)
+  # Names the paper's datasets instead of TFDS's list of every registered one.
+  assert "tfds:cifar10 and tfds:imagenette" in str(err.value)
+  assert "abstract_reasoning" not in str(err.value)
 
 
 # --- pipeline ----------------------------------------------------------------------------

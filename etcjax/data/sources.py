@@ -246,7 +246,12 @@ def _load_tfds(name: str, image_size: int, shard: tuple[int, int], data_dir: str
   import tensorflow_datasets as tfds
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
-  except Exception as e:  # TFDS raises several types for unknown names / configs.
+  except tfds.core.registered.DatasetNotFoundError:
+    # TFDS's own message lists every registered dataset (over a thousand names).
+    raise UserError(f"config.dataset=tfds:{name}: TFDS has no dataset {name!r}; the paper's "
+                    "are tfds:cifar10 and tfds:imagenette (any TFDS dataset with 'image' and "
+                    "'label' features works)") from None
+  except Exception as e:  # TFDS raises several types for bad configs / versions.
     raise UserError(f"config.dataset=tfds:{name}: {' '.join(str(e).split())[:300]}") from e
   features = builder.info.features
   if "image" not in features or "label" not in features:
