@@ -559,8 +559,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     The final metrics document (also written to `workdir/metrics.json`).
   """
+  setup = build(config)  # Bad data / key / model settings fail here, before any output.
   _makedirs(workdir)
-  setup = build(config)
   logging.info("data: %s, %d train / %d eval examples on process %d; images seen as %s",
                setup.dataset.name, len(setup.train_images), len(setup.eval_images),
                jax.process_index(), setup.scheme if setup.scheme == "none"
