@@ -33,7 +33,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from etcjax import models  # noqa: E402
+from etcjax import hostmem, models  # noqa: E402
 from etcjax.models import convmixer  # noqa: E402
 
 # Dense bf16 peak TFLOP/s per chip for MFU (vendor figures; fp32 runs are compared to it too).
@@ -225,12 +225,17 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="accelerator peak TFLOP/s for MFU (default: from the device kind)")
+  parser.add_argument("--default-malloc", action="store_true",
+                      help="leave glibc malloc as it is (default: etcjax.hostmem settings, as "
+                      "training uses; they apply to PyTorch in this process too)")
   args = parser.parse_args(argv)
+  kept = hostmem.keep_freed_memory(force=False if args.default_malloc else None)
 
   device = jax.devices()[0]
   peak = args.peak_tflops or (peak_tflops(device) if device.platform != "cpu" else None)
   print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
-        f"{jax.device_count()} device(s), {os.cpu_count()} CPU(s), dtype {args.dtype}")
+        f"{jax.device_count()} device(s), {os.cpu_count()} CPU(s), dtype {args.dtype}, "
+        f"malloc {'keeps freed memory (etcjax.hostmem)' if kept else 'as is'}")
   torch = None
   if not args.no_torch:
     try:

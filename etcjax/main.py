@@ -166,6 +166,11 @@ def _parse_or_exit(argv: list[str]) -> list[str]:
 def run_from_flags(flag_values: flags.FlagValues) -> dict[str, Any]:
   """Runs with parsed flags (`parse_flags`); returns the metrics document."""
   _setup_logging()
+  from etcjax import hostmem
+  # Before JAX starts its CPU client: its threads must not own arenas yet.
+  if hostmem.keep_freed_memory():
+    logging.info("XLA:CPU run: glibc malloc keeps freed memory (etcjax.hostmem; "
+                 "%s=0 disables)", hostmem.ENV_VAR)
   fv = flag_values
   initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
   return run(fv.config, fv.workdir, fv.mode)

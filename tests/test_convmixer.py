@@ -111,6 +111,23 @@ def test_depthwise_shift_in_bfloat16():
   assert dw.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_channel_major_pointwise_matches_einsum_forward_and_gradients(dtype):
+  x = jax.random.normal(jax.random.key(0), (6, 2, 3, 4)).astype(dtype)
+  w = (jax.random.normal(jax.random.key(1), (6, 5)) / 3).astype(dtype)
+  g = jax.random.normal(jax.random.key(2), (5, 2, 3, 4)).astype(dtype)
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=0.05, atol=0.05)
+  einsum = lambda x, w: jnp.einsum("io,inhw->onhw", w, x)
+  out, vjp = jax.vjp(jax.jit(convmixer.pointwise_cnhw), x, w)
+  ref, ref_vjp = jax.vjp(einsum, x, w)
+  assert out.dtype == dtype and out.shape == (5, 2, 3, 4)
+  f32 = lambda a: np.asarray(a.astype(jnp.float32))
+  np.testing.assert_allclose(f32(out), f32(ref), **tol)
+  for got, want in zip(vjp(g), ref_vjp(g), strict=True):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(f32(got), f32(want), **tol)
+
+
 def test_whole_model_is_the_same_with_every_formulation_and_layout():
   x = _images()
   labels = jnp.arange(4) % 4

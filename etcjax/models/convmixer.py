@@ -229,6 +229,44 @@ def _depthwise_shift_bwd(layout: str, res: tuple[Array, Array], g: Array
 
 depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
+@jax.custom_vjp
+def pointwise_cnhw(x: Array, kernel: Array) -> Array:
+  """1x1 convolution of channel-major activations: `out[o] = sum_i kernel[i, o] * x[i]`.
+
+  Args:
+    x: `(C_in, N, H, W)`.
+    kernel: `(C_in, C_out)`.
+
+  Returns:
+    `(C_out, N, H, W)`, x's dtype.
+
+  The forward pass and the input gradient are single matmuls over the contiguous NHW axis.
+  The kernel gradient contracts NHW in both operands, so XLA:CPU's canonical matmul needs
+  one of them transposed; left to itself it fuses that transpose into the elementwise
+  GELU / BatchNorm code that produces the operand, and runs that code in transposed order
+  (~200 ms instead of ~20 ms per layer at batch 64, a third of a ConvMixer-256/8 step).
+  The backward pass below materialises the output gradient first (an optimisation
+  barrier) and transposes it on its own. Same math as `jnp.einsum("io,inhw->onhw", ...)`
+  (tested, forward and gradients).
+  """
+  return jnp.einsum("io,inhw->onhw", kernel, x)
+
+
+def _pointwise_cnhw_fwd(x: Array, kernel: Array) -> tuple[Array, tuple[Array, Array]]:
+  return pointwise_cnhw(x, kernel), (x, kernel)
+
+
+def _pointwise_cnhw_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+  x, kernel = res
+  dx = jnp.einsum("io,onhw->inhw", kernel, g)
+  g = lax.optimization_barrier(g)
+  g_t = jnp.transpose(g.reshape(g.shape[0], -1))  # (NHW, C_out)
+  dk = jnp.dot(x.reshape(x.shape[0], -1), g_t, preferred_element_type=jnp.float32)
+  return dx, dk.astype(kernel.dtype)
+
+
+pointwise_cnhw.defvjp(_pointwise_cnhw_fwd, _pointwise_cnhw_bwd)
+
 DEPTHWISE_FUNCTIONS = {"conv": depthwise_conv, "shift": depthwise_shift,
                        "shift_scan": depthwise_shift_scan}
 
@@ -309,9 +347,7 @@ class Pointwise(nn.Module):
     kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
     if self.layout == "NHWC":
       return x.astype(self.dtype) @ kernel + bias
-    # Channel-major: one (C_out x C_in) @ (C_in x NHW) matmul, no transposes.
-    out = jnp.einsum("io,inhw->onhw", kernel, x.astype(self.dtype))
-    return out + bias[:, None, None, None]
+    return pointwise_cnhw(x.astype(self.dtype), kernel) + bias[:, None, None, None]
 
 
 class ConvMixerLayer(nn.Module):
