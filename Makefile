@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 # Rebuilt whenever pyproject.toml changes; everything the project needs is declared there.
-$(STAMP): pyproject.toml
+# setup.py builds the optional CPU kernel (etcjax/csrc) in place, so its sources count too.
+$(STAMP): pyproject.toml setup.py etcjax/csrc/etc_cpu.cc
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'

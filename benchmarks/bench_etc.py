@@ -7,12 +7,18 @@ Measures images/s on a batch of uint8 (size x size x 3) images, side by side in 
 
 * copy: `np.copyto` of the batch into a preallocated buffer (the memory-bandwidth bound).
 * encrypt jit: `jax.jit(etc.encrypt)` writing into a recycled (donated) output buffer,
-  the JAX counterpart of the preallocated copy, and with a fresh output each call.
+  the JAX counterpart of the preallocated copy, and with a fresh output each call. On CPU
+  this is the compiled kernel (etcjax/csrc) when it is built, else the XLA gather; the
+  first line of the report says which.
+* XLA gather jit: the same with the kernel switched off (`ETCJAX_ETC_KERNEL=0` while it
+  is traced): the pure-XLA path that GPU/TPU and kernel-less installs run.
+* kernel jit, 1 thread: the kernel limited to one thread (it otherwise splits the batch
+  over XLA's intra-op thread pool; the copy runs on one thread).
 * encrypt host: `etc.encrypt` on NumPy arrays (the owner tools' path).
 * loop: a straightforward per-image, per-block Python loop over the spec (research code).
 
 Prints the ratios against the targets: encrypt >= 25 % of copy and >= 15x the loop.
-Timings are only meaningful on a quiet machine.
+Timings are only meaningful on a quiet machine; the load average is printed with them.
 """
 
 from __future__ import annotations
@@ -54,6 +60,19 @@ def loop_encrypt(x: np.ndarray, s: etc.Schedule, out: np.ndarray) -> None:
       o[r * b:(r + 1) * b, c * b:(c + 1) * b] = blk[..., etc.PERMS3[chperm[i]]]
 
 
+def traced_with_gather(f, *args):
+  """Calls (hence traces) jitted `f` with the CPU kernel off, so that it keeps the gather."""
+  old = os.environ.get("ETCJAX_ETC_KERNEL")
+  os.environ["ETCJAX_ETC_KERNEL"] = "0"
+  try:
+    return f(*args)
+  finally:
+    if old is None:
+      del os.environ["ETCJAX_ETC_KERNEL"]
+    else:
+      os.environ["ETCJAX_ETC_KERNEL"] = old
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--batch", type=int, default=256, help="images per batch (default 256, "
@@ -75,30 +94,48 @@ def main(argv: list[str] | None = None) -> int:
   buf = np.empty_like(x)
   want = etc.encrypt(x[:2], s)
 
+  platform = jax.devices()[0].platform
+  kernel = platform == "cpu" and etc._kernel_enabled()
+  path = (f"CPU kernel, {etc.cpu_kernel_status()}" if kernel else
+          "XLA gather" + ("" if platform != "cpu" else f" (kernel {etc.cpu_kernel_status()})"))
+
   enc = jax.jit(etc.encrypt)
   # `out` is donated and unused: XLA writes the result into its buffer, as np.copyto does.
-  enc_into = jax.jit(lambda x, out, s: etc.encrypt(x, s), donate_argnums=1, keep_unused=True)
-  state = {"out": jnp.zeros_like(xj)}
+  into = lambda f: jax.jit(lambda x, out, s: f(x, s), donate_argnums=1, keep_unused=True)
+  enc_into, gather_into = into(etc.encrypt), into(etc.encrypt)
+  fields = [jnp.asarray(getattr(s, k), jnp.int32) for k in ("perm", "rotflip", "negpos", "chperm")]
+  # The kernel's FFI call itself (private), capped at one thread.
+  kernel1_into = into(lambda x, s: etc._kernel_call(x, *fields, s.block_size, threads=1))
+  outs = {k: jnp.zeros_like(xj) for k in ("kernel", "gather") + (("kernel1",) if kernel else ())}
+  outs["gather"] = traced_with_gather(gather_into, xj, outs["gather"], s)  # compiles the gather
 
-  def run_jit_into():
-    state["out"] = enc_into(xj, state["out"], s)
-    state["out"].block_until_ready()
+  def recycled(key, f):
+    def run():
+      outs[key] = f(xj, outs[key], s)
+      outs[key].block_until_ready()
+    return run
 
   loop_x, loop_out = x[:args.loop_images], np.empty_like(x[:args.loop_images])
   cands = {
       "copy (np.copyto, preallocated)": (lambda: np.copyto(buf, x), n),
-      "encrypt jit, recycled output": (run_jit_into, n),
+      "encrypt jit, recycled output": (recycled("kernel", enc_into), n),
       "encrypt jit, fresh output": (lambda: enc(xj, s).block_until_ready(), n),
-      "encrypt host (NumPy)": (lambda: etc.encrypt(x, s), n),
-      "per-block Python loop": (lambda: loop_encrypt(loop_x, s, loop_out), args.loop_images),
+      "XLA gather jit, recycled output": (recycled("gather", gather_into), n),
   }
+  if kernel:
+    cands["kernel jit, 1 thread, recycled"] = (recycled("kernel1", kernel1_into), n)
+  cands["encrypt host (NumPy)"] = (lambda: etc.encrypt(x, s), n)
+  cands["per-block Python loop"] = (lambda: loop_encrypt(loop_x, s, loop_out), args.loop_images)
   # Warm up (compiles) and check every implementation agrees with the loop.
   for f, _ in cands.values():
     f()
   loop_encrypt(x[:2], s, loop_out[:2])
   assert np.array_equal(loop_out[:2], want)
-  assert np.array_equal(np.asarray(state["out"][:2]), want)
+  for key in ("kernel", "gather") + (("kernel1",) if kernel else ()):
+    assert np.array_equal(np.asarray(outs[key][:2]), want), key
   assert np.array_equal(np.asarray(enc(xj[:2], s)), want)
+  hlo = gather_into.lower(xj, outs["gather"], s).compile().as_text()
+  assert etc._KERNEL_TARGET not in hlo, "the gather row ran the kernel"
 
   best = dict.fromkeys(cands, 0.0)
   for _ in range(args.rounds):
@@ -110,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
   copy = best["copy (np.copyto, preallocated)"]
   loop = best["per-block Python loop"]
   print(f"EtC encrypt throughput, batch {n} x {size}x{size}x3 uint8, block {args.block_size}, "
-        f"{jax.devices()[0].platform}, {os.cpu_count()} CPUs, JAX {jax.__version__}, "
+        f"{platform}, {os.cpu_count()} CPUs, JAX {jax.__version__}, "
         f"load average {os.getloadavg()[0]:.1f}")
+  print(f"encrypt jit path: {path}")
   for name, v in best.items():
     print(f"  {name:<34}{v:>11.0f} img/s {100 * v / copy:>7.1f} % of copy {v / loop:>8.1f}x loop")
   fig = best["encrypt jit, recycled output"]
@@ -123,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'met' if ok_loop else 'NOT met'})")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"batch": n, "size": size, "block_size": args.block_size, "img_per_s": best,
+      json.dump({"batch": n, "size": size, "block_size": args.block_size, "path": path,
+                 "img_per_s": best,
                  "load_average": os.getloadavg()[0],
                  "copy_fraction": fig / copy, "loop_speedup": fig / loop}, f, indent=1)
   return 0

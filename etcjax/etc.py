@@ -19,28 +19,45 @@ so values round-trip bit-exactly when `1 - p` is exact in their dtype (e.g. mult
 
 `encrypt` / `decrypt` take NumPy or JAX arrays:
 
-* JAX arrays, or any call under `jax.jit` / `jax.vmap` (traced schedule or images): a pure
-  `jax.numpy` implementation, jit-, vmap- and shard-safe (no host callbacks, no Python
-  loop over blocks): one gather whose source indices are computed arithmetically from the
-  n-length schedule arrays (`source_index`), then negpos. Returns a JAX array.
+* JAX arrays, or any call under `jax.jit` / `jax.vmap` (traced schedule or images):
+  jit-, vmap- and shard-safe (no host callbacks, no Python loop over blocks); returns a JAX
+  array. Two implementations, chosen when the computation is lowered
+  (`jax.lax.platform_dependent`), so one jitted function runs on any backend:
+
+  - uint8 on CPU: a compiled XLA FFI kernel (etcjax/csrc/etc_cpu.cc: per block row one
+    byte shuffle for channel order and column reversal plus the negpos XOR, AVX-512 VBMI
+    where the CPU has it, a portable loop elsewhere; batch split over XLA's intra-op
+    threads). It is built by `pip install` where a C++17 compiler exists and loaded on
+    first use (`cpu_kernel_available`, `cpu_kernel_status`); `ETCJAX_ETC_KERNEL=0` turns it
+    off. A batch-sharded jit runs it on each device's shard without collectives
+    (`custom_partitioning`); vmap over images folds into its batch, vmap over schedules
+    uses the gather.
+  - everything else (GPU/TPU, float images, CPU without the kernel): pure `jax.numpy`, one
+    gather whose source indices are computed arithmetically from the n-length schedule
+    arrays (`source_index`), then negpos (`_transform_gather`).
 * NumPy arrays with a concrete schedule: a host implementation (`_transform_np`: strided
   per-block copies vectorised over the batch, or `np.take` over the cached `source_index`
   map for very many blocks) for the owner-side tools and host input pipelines. Returns
   NumPy.
 
-Both give bit-identical results (tested).
+All give bit-identical results (tested).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import importlib.util
 import itertools
+import os
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import PartitionSpec as P
 
 # Output channel c of a block with chperm code k is input channel PERMS3[k][c].
 PERMS3 = np.array(list(itertools.permutations((0, 1, 2))), np.int32)  # (6, 3)
@@ -242,8 +259,32 @@ def _negpos_map(negpos: Array, grid: tuple[int, int], block_size: int, xp) -> Ar
   return _blocks_to_image(xp.broadcast_to(neg, (n, block_size, block_size, 1)), grid, xp)
 
 
+_FIELDS = ("perm", "rotflip", "negpos", "chperm")
+
+
 def _transform_jnp(x: jax.Array, s: Schedule, grid: tuple[int, int]) -> jax.Array:
+  """JAX transform: the CPU kernel for uint8 on CPU where built, else the XLA gather.
+
+  uint8 images with the kernel loaded (`cpu_kernel_available`) and not disabled
+  (`ETCJAX_ETC_KERNEL=0`) go through `jax.lax.platform_dependent`: the FFI kernel when the
+  computation is lowered for CPU, `_transform_gather` for GPU/TPU. Float images always use
+  `_transform_gather`.
+  """
+  fields = tuple(jnp.asarray(getattr(s, f)) for f in _FIELDS)
+  if x.dtype == jnp.uint8 and _kernel_enabled():
+    fields = tuple(f.astype(jnp.int32) for f in fields)
+    return jax.lax.platform_dependent(x, *fields, cpu=_kernel_branch(grid, s.block_size),
+                                      default=_gather_branch(grid, s.block_size))
+  return _transform_gather(x, *fields, grid=grid, block_size=s.block_size)
+
+
+def _transform_gather(x: jax.Array, perm: jax.Array, rotflip: jax.Array, negpos: jax.Array,
+                      chperm: jax.Array, *, grid: tuple[int, int],
+                      block_size: int) -> jax.Array:
   """Pure-jnp transform: one gather with arithmetic source indices, then negpos.
+
+  The path for GPU/TPU, float images, and CPU without the compiled kernel. x: (..., H, W, 3)
+  uint8 or float; the schedule fields are (n,) integer arrays.
 
   XLA:CPU measurements (benchmarks/bench_etc.py) drove this form: one gather whose index
   map is computed once per call from the n-length schedule arrays beat compositions of
@@ -253,11 +294,12 @@ def _transform_jnp(x: jax.Array, s: Schedule, grid: tuple[int, int]) -> jax.Arra
   gathered elements: 0.5x at batch 256, 1.6x at batch 32), a block-row gather from a
   stacked block-transposed copy, per-block dynamic-slice loops and scatters (each stage
   15-30 %, under 5 % composed). Looping over chunks of the batch (`lax.map`) gains ~1.5x on
-  CPU but makes SPMD all-gather a sharded batch, so it is not done here.
+  CPU but makes SPMD all-gather a sharded batch, so it is not done here. Even at its best
+  the gather stays a scalar loop per byte (~10-12 % of the copy), hence the CPU kernel.
   """
   shape = x.shape
-  index = source_index(s.perm, s.rotflip, s.chperm, grid, s.block_size)
-  neg = _negpos_map(s.negpos, grid, s.block_size, jnp)
+  index = source_index(perm, rotflip, chperm, grid, block_size)
+  neg = _negpos_map(negpos, grid, block_size, jnp)
   flat = x.reshape((-1, index.shape[0]))
   # The index map is a permutation, so the gather is in bounds with unique indices.
   out = flat.at[:, index].get(mode="promise_in_bounds", unique_indices=True).reshape(
@@ -267,6 +309,136 @@ def _transform_jnp(x: jax.Array, s: Schedule, grid: tuple[int, int]) -> jax.Arra
   else:
     out = jnp.where(neg, 1 - out, out)
   return out.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------
+# CPU kernel (etcjax/csrc/etc_cpu.cc): an XLA FFI custom call for uint8 images.
+#
+# Built by `pip install` when a C++17 compiler exists (setup.py, optional extension
+# `etcjax._etc_cpu`), loaded with ctypes and registered with XLA on first use. Around the
+# FFI call: `custom_partitioning` keeps a batch-sharded jit free of collectives (each device
+# transforms its own images), and `custom_vmap` folds a vmapped image axis into the batch
+# (a vmap over schedules falls back to the gather).
+
+_KERNEL_TARGET = "etcjax_etc_transform_u8"
+_KERNEL_ENV = "ETCJAX_ETC_KERNEL"
+
+
+@functools.cache
+def _kernel() -> tuple[Any, str]:
+  """Loads and registers the kernel once; returns (ctypes library or None, status)."""
+  try:
+    spec = importlib.util.find_spec("etcjax._etc_cpu")
+  except (ImportError, ValueError):
+    spec = None
+  if spec is None or not spec.origin or not os.path.exists(spec.origin):
+    return None, ("not built: no etcjax._etc_cpu library (reinstall with a C++17 compiler: "
+                  "pip install -e .)")
+  if not hasattr(jax, "ffi"):
+    return None, f"unsupported: jax {jax.__version__} has no jax.ffi"
+  try:
+    lib = ctypes.CDLL(spec.origin)
+    simd = "AVX-512 VBMI" if lib.EtcTransformU8Simd() else "portable loop"
+    jax.ffi.register_ffi_target(_KERNEL_TARGET, jax.ffi.pycapsule(lib.EtcTransformU8),
+                                platform="cpu")
+  except (OSError, AttributeError, RuntimeError, ValueError) as e:
+    return None, f"failed to load {spec.origin}: {e}"
+  # `lib` stays referenced by the cache: unloading it would leave XLA a dangling handler.
+  return lib, f"loaded ({simd}): {spec.origin}"
+
+
+def cpu_kernel_available() -> bool:
+  """Whether the compiled CPU kernel for uint8 images is built and registered with JAX.
+
+  When it is, `encrypt` / `decrypt` of uint8 JAX arrays (and anything under `jax.jit`) run
+  it on CPU unless the environment variable `ETCJAX_ETC_KERNEL=0` forces the XLA gather
+  (read when a function is traced). GPU/TPU always use the gather.
+  """
+  return _kernel()[0] is not None
+
+
+def cpu_kernel_status() -> str:
+  """One line on the CPU kernel: loaded (and which code path) or why not."""
+  return _kernel()[1]
+
+
+def _kernel_enabled() -> bool:
+  return os.environ.get(_KERNEL_ENV, "1").strip() != "0" and cpu_kernel_available()
+
+
+def _kernel_call(x: jax.Array, perm: jax.Array, rotflip: jax.Array, negpos: jax.Array,
+                 chperm: jax.Array, block_size: int, *, threads: int = 0,
+                 simd: bool = True) -> jax.Array:
+  """The FFI call itself: x (..., H, W, 3) uint8, fields int32 (n,) -> like x.
+
+  `threads` caps the intra-op threads (0: all); `simd=False` forces the portable loop.
+  """
+  call = jax.ffi.ffi_call(_KERNEL_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          vmap_method="sequential")
+  return call(x, perm, rotflip, negpos, chperm, block_size=np.int64(block_size),
+              threads=np.int64(threads), simd=bool(simd))
+
+
+def _batch_sharding(sharding: Any, ndim: int, mesh: Any) -> jax.sharding.Sharding:
+  """`sharding` of an (..., H, W, 3) array kept on the batch axes only (H, W, 3 replicated)."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, P(*spec[:ndim - 3], None, None, None))
+  return jax.sharding.NamedSharding(mesh, P())  # unknown form: replicate (correct, slower)
+
+
+def _partition(block_size, mesh, arg_shapes, result_shape):
+  del result_shape
+  x = arg_shapes[0]
+  xs = _batch_sharding(x.sharding, len(x.shape), mesh)
+  repl = jax.sharding.NamedSharding(xs.mesh, P())
+  lower = lambda *args: _kernel_call(*args, block_size)
+  return xs.mesh, lower, xs, (xs, repl, repl, repl, repl)
+
+
+def _infer_sharding(block_size, mesh, arg_shapes, result_shape):
+  del block_size, result_shape
+  return _batch_sharding(arg_shapes[0].sharding, len(arg_shapes[0].shape), mesh)
+
+
+def _kernel_default(x, perm, rotflip, negpos, chperm, block_size):
+  return _kernel_call(x, perm, rotflip, negpos, chperm, block_size)
+
+
+_kernel_partitioned = custom_partitioning(_kernel_default, static_argnums=(5,))
+# Shardy: the leading (batch) factors pass through, H, W, channels and the schedule stay
+# whole on every device. GSPMD (jax_use_shardy_partitioner=False) uses the callbacks.
+_kernel_partitioned.def_partition(
+    partition=_partition, infer_sharding_from_operands=_infer_sharding,
+    propagate_user_sharding=lambda block_size, mesh, user: _batch_sharding(
+        user.sharding, len(user.shape), mesh),
+    sharding_rule="... h w c, n, n, n, n -> ... h w c",
+    need_replication_factors=("h", "w", "c", "n"))
+
+
+@functools.lru_cache(maxsize=64)
+def _gather_branch(grid: tuple[int, int], block_size: int):
+  return functools.partial(_transform_gather, grid=grid, block_size=block_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_branch(grid: tuple[int, int], block_size: int):
+  """The CPU branch for one geometry: the partitioned FFI call under a custom vmap rule."""
+
+  @jax.custom_batching.custom_vmap
+  def kernel(x, perm, rotflip, negpos, chperm):
+    return _kernel_partitioned(x, perm, rotflip, negpos, chperm, block_size)
+
+  @kernel.def_vmap
+  def _vmap_rule(axis_size, in_batched, x, *fields):
+    del axis_size
+    if not any(in_batched[1:]):  # images only: the vmapped axis is one more batch axis
+      return kernel(x, *fields), True
+    # One schedule per example: the vectorised gather.
+    axes = tuple(0 if b else None for b in in_batched)
+    return jax.vmap(_gather_branch(grid, block_size), in_axes=axes)(x, *fields), True
+
+  return kernel
 
 
 # Above this many blocks the per-block host loop's Python overhead outweighs its faster

@@ -1,0 +1,52 @@
+"""Builds the optional CPU kernel of etcjax.etc; all other metadata is in pyproject.toml.
+
+`etcjax._etc_cpu` (etcjax/csrc/etc_cpu.cc) is an XLA FFI handler, not a Python module:
+etcjax.etc loads it with ctypes and registers it with JAX on first use. It is optional: with
+no C++17 compiler, or if compiling fails, pip prints a warning and installs etcjax without
+it, and etcjax.etc uses its pure-XLA path (`etc.cpu_kernel_status()` says which).
+
+The XLA FFI headers it compiles against are vendored in etcjax/csrc/third_party (see the
+README there) rather than taken from jaxlib at build time: pip builds in an isolated
+environment, so using jaxlib's copy would mean a ~100 MB jaxlib download as a build
+requirement on every fresh install, while the vendored headers keep `pip install -e .`
+and `make venv` offline-safe and quick. The FFI ABI is versioned and XLA checks it when
+the handler runs, so the pinned copy does not have to match the installed jaxlib.
+"""
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+_FLAGS = {
+    "unix": ["-std=c++17", "-O3", "-g0", "-fvisibility=hidden"],
+    "mingw32": ["-std=c++17", "-O3", "-g0"],
+    "msvc": ["/std:c++17", "/O2", "/EHsc"],
+}
+
+
+class BuildExt(build_ext):
+  """C++17 flags per compiler; the library exports only its FFI handler symbols."""
+
+  def build_extensions(self):
+    flags = _FLAGS.get(self.compiler.compiler_type, [])
+    for ext in self.extensions:
+      ext.extra_compile_args = flags + list(ext.extra_compile_args or [])
+    super().build_extensions()
+
+  def get_export_symbols(self, ext):
+    return []  # not a Python module: no PyInit_ symbol to export
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "etcjax._etc_cpu",
+            sources=["etcjax/csrc/etc_cpu.cc"],
+            depends=[f"etcjax/csrc/third_party/xla/ffi/api/{h}"
+                     for h in ("api.h", "c_api.h", "ffi.h")],
+            include_dirs=["etcjax/csrc/third_party"],
+            language="c++",
+            optional=True,
+        ),
+    ],
+    cmdclass={"build_ext": BuildExt},
+)
