@@ -4,6 +4,11 @@
   .venv/bin/python benchmarks/bench_models.py --models convmixer --convmixer-batch 16
   .venv/bin/python benchmarks/bench_models.py --dtype bfloat16 --vit-batch 256   # accelerator
 
+JAX runs as etcjax training runs it: glibc malloc set to keep freed memory and the step
+jitted with `etcjax.xla_cpu.compiler_options()` (see that module; `--default-malloc` and
+`--default-compiler-options` turn them off). The malloc setting is per process, so the
+PyTorch steps here get it too.
+
 A step is forward + cross-entropy + backward + AdamW update (+ BatchNorm statistics for
 ConvMixer) on random data, timed after compilation / warm-up as the best and median of
 `--steps` runs. For ConvMixer every depthwise formulation in `--depthwise` is timed
@@ -33,7 +38,7 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from etcjax import hostmem, models  # noqa: E402
+from etcjax import models, xla_cpu  # noqa: E402
 from etcjax.models import convmixer  # noqa: E402
 
 # Dense bf16 peak TFLOP/s per chip for MFU (vendor figures; fp32 runs are compared to it too).
@@ -90,8 +95,9 @@ def model_flops_per_image(model, size: int) -> float | None:
     return None
 
 
-def jax_step_runner(model, batch: int, size: int, num_classes: int) -> Callable[[], None]:
-  """Compiles a training step; returns a runner doing one step."""
+def jax_step_runner(model, batch: int, size: int, num_classes: int,
+                    compiler_options: dict | None = None) -> Callable[[], None]:
+  """Compiles a training step (with XLA `compiler_options`); returns a runner doing one step."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32))
   y = jnp.asarray(rng.integers(0, num_classes, batch))
@@ -112,7 +118,7 @@ def jax_step_runner(model, batch: int, size: int, num_classes: int) -> Callable[
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), stats, opt_state, loss
 
-  jitted = jax.jit(step, donate_argnums=(0, 1, 2))
+  jitted = jax.jit(step, donate_argnums=(0, 1, 2), compiler_options=compiler_options)
   key = jax.random.key(1)
   compiled = jitted.lower(params, stats, opt_state, x, y, key).compile()
   state = [params, stats, opt_state]
@@ -225,17 +231,20 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
   parser.add_argument("--peak-tflops", type=float, default=None,
                       help="accelerator peak TFLOP/s for MFU (default: from the device kind)")
+  parser.add_argument("--default-compiler-options", action="store_true",
+                      help="jit without etcjax.xla_cpu.compiler_options() (as training uses)")
   parser.add_argument("--default-malloc", action="store_true",
-                      help="leave glibc malloc as it is (default: etcjax.hostmem settings, as "
+                      help="leave glibc malloc as it is (default: etcjax.xla_cpu settings, as "
                       "training uses; they apply to PyTorch in this process too)")
   args = parser.parse_args(argv)
-  kept = hostmem.keep_freed_memory(force=False if args.default_malloc else None)
+  kept = xla_cpu.keep_freed_memory(force=False if args.default_malloc else None)
+  options = {} if args.default_compiler_options else xla_cpu.compiler_options()
 
   device = jax.devices()[0]
   peak = args.peak_tflops or (peak_tflops(device) if device.platform != "cpu" else None)
   print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
         f"{jax.device_count()} device(s), {os.cpu_count()} CPU(s), dtype {args.dtype}, "
-        f"malloc {'keeps freed memory (etcjax.hostmem)' if kept else 'as is'}")
+        f"malloc {'keeps freed memory' if kept else 'as is'}, XLA options {options}")
   torch = None
   if not args.no_torch:
     try:
@@ -263,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
   runners: dict[str, Callable[[], None]] = {}
   flops: dict[str, float | None] = {}
   for label, kind, model, batch, size in runs:
-    runners[label] = jax_step_runner(model, batch, size, 10)
+    runners[label] = jax_step_runner(model, batch, size, 10, options)
     # Count ConvMixer with the standard grouped conv: every formulation does the same math.
     counted = model.clone(depthwise_impl="conv", layout="NHWC") if kind == "convmixer" else model
     per_image = model_flops_per_image(counted, size)

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_models import time_interleaved  # noqa: E402
 
 from etcjax import config as config_lib  # noqa: E402
-from etcjax import fileio, hostmem, train  # noqa: E402
+from etcjax import fileio, train, xla_cpu  # noqa: E402
 from etcjax.data import pipeline, sources  # noqa: E402
 from etcjax.keys import EtcKey  # noqa: E402
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                       "script works)")
   parser.add_argument("--only", choices=("steps", "pipeline"), default=None)
   args = parser.parse_args(argv)
-  kept = hostmem.keep_freed_memory()  # As training does (before JAX starts).
+  kept = xla_cpu.keep_freed_memory()  # As training does (before JAX starts).
   device = jax.devices()[0]
   print(f"{jax.device_count()} x {device.device_kind} ({jax.default_backend()}), "
         f"{os.cpu_count()} CPUs, JAX {jax.__version__}, malloc "

@@ -29,7 +29,7 @@ import warnings
 
 import numpy as np
 
-from etcjax import codec, etc, fileio, hostmem, keys, samples
+from etcjax import codec, etc, fileio, keys, samples, xla_cpu
 
 REPORT_NAME = "owner_roundtrip"
 
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                  help="resize-and-crop every photo to H x W (default: native size)")
   args = p.parse_args(argv)
   if not args.owner_only:
-    hostmem.keep_freed_memory()  # Before JAX starts (see etcjax.hostmem).
+    xla_cpu.keep_freed_memory()  # Before JAX starts (see etcjax.xla_cpu).
     r = run_training_demo(args.out, tiny=args.tiny)
     for label, acc in r["runs"].items():
       print(f"{label}: {100 * acc:.2f} % test accuracy")

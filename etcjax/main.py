@@ -166,11 +166,11 @@ def _parse_or_exit(argv: list[str]) -> list[str]:
 def run_from_flags(flag_values: flags.FlagValues) -> dict[str, Any]:
   """Runs with parsed flags (`parse_flags`); returns the metrics document."""
   _setup_logging()
-  from etcjax import hostmem
+  from etcjax import xla_cpu
   # Before JAX starts its CPU client: its threads must not own arenas yet.
-  if hostmem.keep_freed_memory():
-    logging.info("XLA:CPU run: glibc malloc keeps freed memory (etcjax.hostmem; "
-                 "%s=0 disables)", hostmem.ENV_VAR)
+  if xla_cpu.keep_freed_memory():
+    logging.info("XLA:CPU run: glibc malloc keeps freed memory (etcjax.xla_cpu; "
+                 "%s=0 disables)", xla_cpu.ENV_VAR)
   fv = flag_values
   initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
   return run(fv.config, fv.workdir, fv.mode)

@@ -56,7 +56,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from etcjax import config as config_lib
-from etcjax import fileio, models, preemption
+from etcjax import fileio, models, preemption, xla_cpu
 from etcjax.data import augment, pipeline, sources
 from etcjax.errors import KeyMismatchError, UserError
 
@@ -372,7 +372,7 @@ def make_train_step(setup: Setup, tx: optax.GradientTransformation
   # Donating the old state halves peak memory on accelerators; XLA:CPU cannot use it.
   donate = () if jax.default_backend() == "cpu" else (0,)
   return jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-                 donate_argnums=donate)
+                 donate_argnums=donate, compiler_options=xla_cpu.compiler_options())
 
 
 def make_eval_step(setup: Setup) -> Callable[[TrainState, dict, Any], dict]:
@@ -391,7 +391,8 @@ def make_eval_step(setup: Setup) -> Callable[[TrainState, dict, Any], dict]:
 
   repl = _replicated(setup.mesh)
   data = pipeline.data_sharding(setup.mesh)
-  return jax.jit(eval_step, in_shardings=(repl, data, repl), out_shardings=repl)
+  return jax.jit(eval_step, in_shardings=(repl, data, repl), out_shardings=repl,
+                 compiler_options=xla_cpu.compiler_options())
 
 
 def _init_fn(setup: Setup, tx: optax.GradientTransformation) -> Callable[[jax.Array], TrainState]:

@@ -1,4 +1,4 @@
-"""Host allocator set-up for XLA:CPU training (etcjax.hostmem)."""
+"""XLA:CPU settings: the host allocator and compiler options (etcjax.xla_cpu)."""
 
 import platform
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from etcjax import hostmem
+from etcjax import xla_cpu
 
 _GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -15,22 +15,22 @@ _GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
                                              ("cpu,cuda", False)])
 def test_jax_platforms_decides_the_backend(monkeypatch, platforms, want):
   monkeypatch.setenv("JAX_PLATFORMS", platforms)
-  assert hostmem.will_run_on_cpu() is want
+  assert xla_cpu.will_run_on_cpu() is want
 
 
 def test_an_installed_accelerator_plugin_means_not_cpu(monkeypatch):
   monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-  monkeypatch.setattr(hostmem, "_ACCELERATOR_MODULES", ("json",))  # Any importable module.
-  assert not hostmem.will_run_on_cpu()
+  monkeypatch.setattr(xla_cpu, "_ACCELERATOR_MODULES", ("json",))  # Any importable module.
+  assert not xla_cpu.will_run_on_cpu()
 
 
 def test_disabled_by_environment_or_for_accelerators(monkeypatch):
-  monkeypatch.setenv(hostmem.ENV_VAR, "0")
-  assert hostmem.keep_freed_memory() is False
-  monkeypatch.delenv(hostmem.ENV_VAR)
+  monkeypatch.setenv(xla_cpu.ENV_VAR, "0")
+  assert xla_cpu.keep_freed_memory() is False
+  monkeypatch.delenv(xla_cpu.ENV_VAR)
   monkeypatch.setenv("JAX_PLATFORMS", "tpu")
-  assert hostmem.keep_freed_memory() is False
-  assert hostmem.keep_freed_memory(force=False) is False
+  assert xla_cpu.keep_freed_memory() is False
+  assert xla_cpu.keep_freed_memory(force=False) is False
 
 
 def _run(code, **env):
@@ -44,12 +44,21 @@ def test_applied_on_cpu_and_freed_big_buffers_are_reused():
   # A freed 64 MB buffer is reused without page faults (glibc's default unmaps it and the
   # next one faults in 16k fresh pages), and JAX still works afterwards.
   code = (
-      "import resource; from etcjax import hostmem; import numpy as np, jax.numpy as jnp\n"
-      "print(hostmem.keep_freed_memory())\n"
+      "import resource; from etcjax import xla_cpu; import numpy as np, jax.numpy as jnp\n"
+      "print(xla_cpu.keep_freed_memory())\n"
       "a = np.ones(2**24, np.float32); del a\n"
       "f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
       "b = np.ones(2**24, np.float32)\n"
       "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f < 100)\n"
       "print(float(jnp.sum(jnp.ones(1000))))\n")
   assert _run(code).split() == ["True", "True", "1000.0"]
-  assert _run(code, **{hostmem.ENV_VAR: "0"}).split() == ["False", "False", "1000.0"]
+  assert _run(code, **{xla_cpu.ENV_VAR: "0"}).split() == ["False", "False", "1000.0"]
+
+
+def test_compiler_options_widen_vectors_on_cpu_only():
+  assert xla_cpu.compiler_options("cpu") == {"xla_cpu_prefer_vector_width": 512}
+  assert xla_cpu.compiler_options("gpu") == {} and xla_cpu.compiler_options("tpu") == {}
+  import jax
+  import jax.numpy as jnp
+  f = jax.jit(lambda x: jnp.tanh(x) * 2, compiler_options=xla_cpu.compiler_options())
+  assert float(f(jnp.zeros(()))) == 0.0
