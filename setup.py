@@ -16,9 +16,11 @@ the handler runs, so the pinned copy does not have to match the installed jaxlib
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+_HEADERS = "etcjax/csrc/third_party"
+# -isystem: no warnings from the vendored headers under Python's default -Wall.
 _FLAGS = {
-    "unix": ["-std=c++17", "-O3", "-g0", "-fvisibility=hidden"],
-    "mingw32": ["-std=c++17", "-O3", "-g0"],
+    "unix": ["-std=c++17", "-O3", "-g0", "-fvisibility=hidden", "-isystem", _HEADERS],
+    "mingw32": ["-std=c++17", "-O3", "-g0", "-isystem", _HEADERS],
     "msvc": ["/std:c++17", "/O2", "/EHsc"],
 }
 
@@ -41,9 +43,8 @@ setup(
         Extension(
             "etcjax._etc_cpu",
             sources=["etcjax/csrc/etc_cpu.cc"],
-            depends=[f"etcjax/csrc/third_party/xla/ffi/api/{h}"
-                     for h in ("api.h", "c_api.h", "ffi.h")],
-            include_dirs=["etcjax/csrc/third_party"],
+            depends=[f"{_HEADERS}/xla/ffi/api/{h}" for h in ("api.h", "c_api.h", "ffi.h")],
+            include_dirs=[_HEADERS],
             language="c++",
             optional=True,
         ),
