@@ -344,7 +344,28 @@ def _kernel() -> tuple[Any, str]:
   except (OSError, AttributeError, RuntimeError, ValueError) as e:
     return None, f"failed to load {spec.origin}: {e}"
   # `lib` stays referenced by the cache: unloading it would leave XLA a dangling handler.
-  return lib, f"loaded ({simd}): {spec.origin}"
+  # A kernel that registers but fails with this jaxlib (FFI ABI checks happen at run time)
+  # must not break every CPU encryption: run it once, fall back to the gather if it fails.
+  try:
+    error = _kernel_self_test()
+  except Exception as e:  # any failure means: do not use the kernel
+    error = f"{type(e).__name__}: {e}"
+  if error:
+    return None, f"failed its self-test ({error}): {os.path.realpath(spec.origin)}"
+  return lib, f"loaded ({simd}): {os.path.realpath(spec.origin)}"
+
+
+def _kernel_self_test() -> str | None:
+  """Runs the kernel on a small batch (every rotflip, chperm, both negpos); None if right."""
+  x = np.random.default_rng(0).integers(0, 256, (2, 32, 64, 3), dtype=np.uint8)
+  s = Schedule(perm=np.array([3, 5, 0, 7, 1, 4, 2, 6]), rotflip=np.arange(8),
+               negpos=np.array([1, 0, 1, 0, 0, 1, 1, 0]),
+               chperm=np.array([0, 1, 2, 3, 4, 5, 0, 1]), block_size=16, grid=(2, 4))
+  want = _transform_np(x, s, (2, 4))
+  fields = [np.asarray(getattr(s, f), np.int32) for f in _FIELDS]
+  with jax.ensure_compile_time_eval():  # runs now, also when first used inside a trace
+    got = np.asarray(_kernel_call(jnp.asarray(x), *fields, 16))
+  return None if np.array_equal(got, want) else "wrong output"
 
 
 def cpu_kernel_available() -> bool:

@@ -226,3 +226,18 @@ def test_without_the_library_everything_uses_the_gather(monkeypatch):
   x = images((2, 32, 48, 3))
   assert not uses_kernel(lambda x, s: etc.encrypt(x, s), x, s)
   np.testing.assert_array_equal(np.asarray(etc.encrypt(jnp.asarray(x), s)), ref_batch(x, s))
+
+
+def test_a_kernel_failing_its_self_test_is_not_used(monkeypatch):
+  monkeypatch.setattr(etc, "_kernel_self_test", lambda: "wrong output")
+  etc._kernel.cache_clear()
+  try:
+    assert not etc.cpu_kernel_available()
+    assert "failed its self-test (wrong output)" in etc.cpu_kernel_status()
+    s = schedule(32, 32, 16)
+    x = images((2, 32, 32, 3))
+    assert not uses_kernel(lambda x, s: etc.encrypt(x, s), x, s)
+  finally:
+    monkeypatch.undo()
+    etc._kernel.cache_clear()
+  assert etc.cpu_kernel_available()
