@@ -342,7 +342,7 @@ def _kernel() -> tuple[Any, str]:
     jax.ffi.register_ffi_target(_KERNEL_TARGET, jax.ffi.pycapsule(lib.EtcTransformU8),
                                 platform="cpu")
   except (OSError, AttributeError, RuntimeError, ValueError) as e:
-    return None, f"failed to load {spec.origin}: {e}"
+    return None, f"failed to load {os.path.realpath(spec.origin)}: {e}"
   # `lib` stays referenced by the cache: unloading it would leave XLA a dangling handler.
   # A kernel that registers but fails with this jaxlib (FFI ABI checks happen at run time)
   # must not break every CPU encryption: run it once, fall back to the gather if it fails.
@@ -364,7 +364,7 @@ def _kernel_self_test() -> str | None:
   want = _transform_np(x, s, (2, 4))
   fields = [np.asarray(getattr(s, f), np.int32) for f in _FIELDS]
   with jax.ensure_compile_time_eval():  # runs now, also when first used inside a trace
-    got = np.asarray(_kernel_call(jnp.asarray(x), *fields, 16))
+    got = np.asarray(_ffi_call(jnp.asarray(x), *fields, 16))
   return None if np.array_equal(got, want) else "wrong output"
 
 
@@ -390,10 +390,18 @@ def _kernel_enabled() -> bool:
 def _kernel_call(x: jax.Array, perm: jax.Array, rotflip: jax.Array, negpos: jax.Array,
                  chperm: jax.Array, block_size: int, *, threads: int = 0,
                  simd: bool = True) -> jax.Array:
-  """The FFI call itself: x (..., H, W, 3) uint8, fields int32 (n,) -> like x.
+  """The bare kernel (for tests and benchmarks): x (..., H, W, 3) uint8 -> like x.
 
-  `threads` caps the intra-op threads (0: all); `simd=False` forces the portable loop.
+  The fields are int32 (n,). `threads` caps the intra-op threads (0: all); `simd=False`
+  forces the portable loop. Raises RuntimeError when the kernel is unavailable.
   """
+  if _kernel()[0] is None:
+    raise RuntimeError(f"etcjax CPU kernel: {cpu_kernel_status()}")
+  return _ffi_call(x, perm, rotflip, negpos, chperm, block_size, threads, simd)
+
+
+def _ffi_call(x, perm, rotflip, negpos, chperm, block_size, threads=0, simd=True):
+  """`_kernel_call` without the availability check (used while loading, and by XLA)."""
   call = jax.ffi.ffi_call(_KERNEL_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
                           vmap_method="sequential")
   return call(x, perm, rotflip, negpos, chperm, block_size=np.int64(block_size),
@@ -413,7 +421,7 @@ def _partition(block_size, mesh, arg_shapes, result_shape):
   x = arg_shapes[0]
   xs = _batch_sharding(x.sharding, len(x.shape), mesh)
   repl = jax.sharding.NamedSharding(xs.mesh, P())
-  lower = lambda *args: _kernel_call(*args, block_size)
+  lower = lambda *args: _ffi_call(*args, block_size)
   return xs.mesh, lower, xs, (xs, repl, repl, repl, repl)
 
 
@@ -423,7 +431,7 @@ def _infer_sharding(block_size, mesh, arg_shapes, result_shape):
 
 
 def _kernel_default(x, perm, rotflip, negpos, chperm, block_size):
-  return _kernel_call(x, perm, rotflip, negpos, chperm, block_size)
+  return _ffi_call(x, perm, rotflip, negpos, chperm, block_size)
 
 
 _kernel_partitioned = custom_partitioning(_kernel_default, static_argnums=(5,))
