@@ -96,8 +96,14 @@ def main(argv: list[str] | None = None) -> int:
 
   platform = jax.devices()[0].platform
   kernel = platform == "cpu" and etc._kernel_enabled()
-  path = (f"CPU kernel, {etc.cpu_kernel_status()}" if kernel else
-          "XLA gather" + ("" if platform != "cpu" else f" (kernel {etc.cpu_kernel_status()})"))
+  if kernel:
+    path = f"CPU kernel, {etc.cpu_kernel_status()}"
+  elif platform != "cpu":
+    path = f"XLA gather ({platform})"
+  elif etc.cpu_kernel_available():
+    path = "XLA gather (CPU kernel switched off by ETCJAX_ETC_KERNEL=0)"
+  else:
+    path = f"XLA gather (CPU kernel {etc.cpu_kernel_status()})"
 
   enc = jax.jit(etc.encrypt)
   # `out` is donated and unused: XLA writes the result into its buffer, as np.copyto does.
