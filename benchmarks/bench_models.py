@@ -4,10 +4,11 @@
   .venv/bin/python benchmarks/bench_models.py --models convmixer --convmixer-batch 16
   .venv/bin/python benchmarks/bench_models.py --dtype bfloat16 --vit-batch 256   # accelerator
 
-JAX runs as etcjax training runs it: glibc malloc set to keep freed memory and the step
-jitted with `etcjax.xla_cpu.compiler_options()` (see that module; `--default-malloc` and
-`--default-compiler-options` turn them off). The malloc setting is per process, so the
-PyTorch steps here get it too.
+JAX steps are jitted as etcjax training jits them, with `etcjax.xla_cpu.compiler_options()`
+(`--default-compiler-options` leaves them out). `--keep-freed-memory` (or
+ETCJAX_KEEP_FREED_MEMORY=1) sets glibc malloc to keep freed memory, as training does when
+asked to (faster, more host memory: see `etcjax.xla_cpu`); it is per process, so the PyTorch
+steps here get it too.
 
 A step is forward + cross-entropy + backward + AdamW update (+ BatchNorm statistics for
 ConvMixer) on random data, timed after compilation / warm-up as the best and median of
@@ -233,11 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="accelerator peak TFLOP/s for MFU (default: from the device kind)")
   parser.add_argument("--default-compiler-options", action="store_true",
                       help="jit without etcjax.xla_cpu.compiler_options() (as training uses)")
-  parser.add_argument("--default-malloc", action="store_true",
-                      help="leave glibc malloc as it is (default: etcjax.xla_cpu settings, as "
-                      "training uses; they apply to PyTorch in this process too)")
+  parser.add_argument("--keep-freed-memory", action="store_true",
+                      help="glibc malloc keeps freed memory (etcjax.xla_cpu, opt-in for "
+                      "training too); it applies to PyTorch in this process as well")
   args = parser.parse_args(argv)
-  kept = xla_cpu.keep_freed_memory(force=False if args.default_malloc else None)
+  kept = xla_cpu.keep_freed_memory(force=args.keep_freed_memory or None)
   options = {} if args.default_compiler_options else xla_cpu.compiler_options()
 
   device = jax.devices()[0]

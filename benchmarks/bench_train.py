@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                       "script works)")
   parser.add_argument("--only", choices=("steps", "pipeline"), default=None)
   args = parser.parse_args(argv)
-  kept = xla_cpu.keep_freed_memory()  # As training does (before JAX starts).
+  kept = xla_cpu.keep_freed_memory()  # As training does: if ETCJAX_KEEP_FREED_MEMORY=1.
   device = jax.devices()[0]
   print(f"{jax.device_count()} x {device.device_kind} ({jax.default_backend()}), "
         f"{os.cpu_count()} CPUs, JAX {jax.__version__}, malloc "

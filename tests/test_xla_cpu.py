@@ -11,24 +11,10 @@ from etcjax import xla_cpu
 _GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
-@pytest.mark.parametrize("platforms, want", [("cpu", True), ("tpu", False), ("cuda", False),
-                                             ("cpu,cuda", False)])
-def test_jax_platforms_decides_the_backend(monkeypatch, platforms, want):
-  monkeypatch.setenv("JAX_PLATFORMS", platforms)
-  assert xla_cpu.will_run_on_cpu() is want
-
-
-def test_an_installed_accelerator_plugin_means_not_cpu(monkeypatch):
-  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-  monkeypatch.setattr(xla_cpu, "_ACCELERATOR_MODULES", ("json",))  # Any importable module.
-  assert not xla_cpu.will_run_on_cpu()
-
-
-def test_disabled_by_environment_or_for_accelerators(monkeypatch):
-  monkeypatch.setenv(xla_cpu.ENV_VAR, "0")
+def test_off_unless_asked_for(monkeypatch):
+  monkeypatch.delenv(xla_cpu.ENV_VAR, raising=False)
   assert xla_cpu.keep_freed_memory() is False
-  monkeypatch.delenv(xla_cpu.ENV_VAR)
-  monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+  monkeypatch.setenv(xla_cpu.ENV_VAR, "0")
   assert xla_cpu.keep_freed_memory() is False
   assert xla_cpu.keep_freed_memory(force=False) is False
 
@@ -36,7 +22,7 @@ def test_disabled_by_environment_or_for_accelerators(monkeypatch):
 def _run(code, **env):
   import os
   return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, check=True).stdout
+                        env={**os.environ, **env}, check=True).stdout
 
 
 @pytest.mark.skipif(not _GLIBC, reason="mallopt settings exist only in glibc")
@@ -51,7 +37,7 @@ def test_applied_on_cpu_and_freed_big_buffers_are_reused():
       "b = np.ones(2**24, np.float32)\n"
       "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f < 100)\n"
       "print(float(jnp.sum(jnp.ones(1000))))\n")
-  assert _run(code).split() == ["True", "True", "1000.0"]
+  assert _run(code, **{xla_cpu.ENV_VAR: "1"}).split() == ["True", "True", "1000.0"]
   assert _run(code, **{xla_cpu.ENV_VAR: "0"}).split() == ["False", "False", "1000.0"]
 
 

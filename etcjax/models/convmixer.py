@@ -33,6 +33,13 @@ rounding, forward and gradients):
 * `layout`: the activation layout inside the mixer layers, "NHWC" or "CNHW" (channel-major:
   XLA's CPU code vectorises the shifted sums and the BatchNorm / kernel-gradient reductions
   along the contiguous spatial axis), or "auto": "CNHW" with "shift" on CPU, else "NHWC".
+  In CNHW the 1x1 convolution is `pointwise_cnhw`, whose hand-written backward pass keeps
+  XLA from fusing a transpose into the GELU / BatchNorm code (a third of the step before).
+
+With `etcjax.xla_cpu.compiler_options()` (the training steps use them) this took the
+ConvMixer-256/8 training step at batch 64 on a 2-core machine from 10.8 s to 6.9 s, and to
+4.6 s with the opt-in allocator set-up there. The custom backward passes make "shift"
+reverse-mode only (`jax.jvp` needs "conv" or "shift_scan").
 """
 
 from __future__ import annotations
