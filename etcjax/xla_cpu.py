@@ -9,14 +9,17 @@ it at the end. glibc serves allocations over 32 MiB with fresh `mmap` pages and 
 them on `free`, so every step page-faults and zero-fills its whole working set again: ~30 %
 of that step. `keep_freed_memory()` makes glibc keep and reuse freed memory instead: no
 `mmap` per allocation (`M_MMAP_MAX` 0), no trimming (`M_TRIM_THRESHOLD` -1) and one arena
-(`M_ARENA_MAX` 1, so that threads share the reused heap): the step ran in 4.6 s instead of
-6.9 s. The price is host memory: the process keeps its peak, and because the next step's
-block is allocated while the previous one is still being freed (asynchronous dispatch),
-the heap grew to 2-3 step working sets (6.8 GiB resident became up to 19.2 GiB) before it
-settled. Hence opt-in: set `ETCJAX_KEEP_FREED_MEMORY=1` on machines with RAM to spare;
-the training entry points, the demo and the benchmarks then call it before JAX starts (it
-must: threads that already own an arena keep it). glibc only (Linux); elsewhere it does
-nothing.
+(`M_ARENA_MAX` 1, so that threads share the reused heap), and it runs CPU computations
+synchronously (`jax_cpu_enable_async_dispatch` off): with asynchronous dispatch the next
+step's block is allocated while the previous one is still being freed, and the reused heap
+grew to 2-3 working sets (6.8 GiB resident became 19.2 GiB). With both, the ConvMixer step
+ran in 4.4-4.6 s instead of 6.9 s at the default's 6.8 GiB resident (ViT-S/16 batch 8:
+1.5 s instead of 1.7 s, 1.9 GiB). The process keeps its peak memory until it exits, a
+single arena may slow a many-threaded host input pipeline, and this was measured on one
+machine, so it is opt-in: set `ETCJAX_KEEP_FREED_MEMORY=1`. The training entry points, the
+demo and the benchmarks then call it before JAX starts (it must: threads that already own
+an arena keep it, and the dispatch mode is fixed when JAX creates its CPU client). glibc
+only (Linux); elsewhere it does nothing.
 
 Compiler options. XLA:CPU vectorises loops for 256-bit registers by default; on AVX-512
 machines 512-bit vectors made the ConvMixer step's elementwise, shifted-sum and reduction
@@ -52,9 +55,9 @@ def compiler_options(backend: str | None = None) -> dict[str, int]:
 
 
 def keep_freed_memory(force: bool | None = None) -> bool:
-  """Makes glibc malloc keep and reuse freed memory (see the module docstring).
+  """Makes glibc malloc keep and reuse freed memory, and CPU dispatch synchronous.
 
-  Call before the first JAX computation.
+  See the module docstring. Call before the first JAX computation.
 
   Args:
     force: True/False to apply or not; None applies it when the environment variable
@@ -73,5 +76,9 @@ def keep_freed_memory(force: bool | None = None) -> bool:
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   # mallopt returns 1 on success; -1 as the trim threshold means "never trim".
-  return all(mallopt(param, value) == 1 for param, value in
-             ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1)))
+  if not all(mallopt(param, value) == 1 for param, value in
+             ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1))):
+    return False
+  import jax
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  return True

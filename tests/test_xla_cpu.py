@@ -28,7 +28,7 @@ def _run(code, **env):
 @pytest.mark.skipif(not _GLIBC, reason="mallopt settings exist only in glibc")
 def test_applied_on_cpu_and_freed_big_buffers_are_reused():
   # A freed 64 MB buffer is reused without page faults (glibc's default unmaps it and the
-  # next one faults in 16k fresh pages), and JAX still works afterwards.
+  # next one faults its pages in again), CPU dispatch is synchronous, and JAX still works.
   code = (
       "import resource; from etcjax import xla_cpu; import numpy as np, jax.numpy as jnp\n"
       "print(xla_cpu.keep_freed_memory())\n"
@@ -36,9 +36,10 @@ def test_applied_on_cpu_and_freed_big_buffers_are_reused():
       "f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
       "b = np.ones(2**24, np.float32)\n"
       "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f < 100)\n"
+      "import jax; print(jax.config.read(\"jax_cpu_enable_async_dispatch\"))\n"
       "print(float(jnp.sum(jnp.ones(1000))))\n")
-  assert _run(code, **{xla_cpu.ENV_VAR: "1"}).split() == ["True", "True", "1000.0"]
-  assert _run(code, **{xla_cpu.ENV_VAR: "0"}).split() == ["False", "False", "1000.0"]
+  assert _run(code, **{xla_cpu.ENV_VAR: "1"}).split() == ["True", "True", "False", "1000.0"]
+  assert _run(code, **{xla_cpu.ENV_VAR: "0"}).split() == ["False", "False", "True", "1000.0"]
 
 
 def test_compiler_options_widen_vectors_on_cpu_only():
