@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import warnings
 
 # mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -40,6 +41,8 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 ENV_VAR = "ETCJAX_KEEP_FREED_MEMORY"
+# Process-wide, like the malloc settings it records: a second call is a no-op.
+_applied = False
 
 
 def compiler_options(backend: str | None = None) -> dict[str, int]:
@@ -54,6 +57,15 @@ def compiler_options(backend: str | None = None) -> dict[str, int]:
   return {"xla_cpu_prefer_vector_width": 512} if backend == "cpu" else {}
 
 
+def _jax_started() -> bool:
+  """Whether JAX has created its backends (clients, thread pools) in this process."""
+  try:
+    from jax._src import xla_bridge
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):  # private API moved: assume not started
+    return False
+
+
 def keep_freed_memory(force: bool | None = None) -> bool:
   """Makes glibc malloc keep and reuse freed memory, and CPU dispatch synchronous.
 
@@ -64,11 +76,22 @@ def keep_freed_memory(force: bool | None = None) -> bool:
       `ETCJAX_KEEP_FREED_MEMORY` is "1".
 
   Returns:
-    Whether the allocator settings were applied (never on a non-glibc C library).
+    Whether the settings were applied: never on a non-glibc C library, and not (with a
+    warning) once JAX has started.
   """
+  global _applied
   if force is None:
     force = os.environ.get(ENV_VAR, "").strip() == "1"
   if not force or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  if _applied:
+    return True
+  if _jax_started():
+    # Too late: its threads own arenas and its dispatch is asynchronous, the combination
+    # that grew the heap to 3x. Better the default allocator than that.
+    warnings.warn(f"{ENV_VAR}=1 ignored: JAX was already running; call "
+                  "etcjax.xla_cpu.keep_freed_memory() before the first JAX computation",
+                  RuntimeWarning, stacklevel=2)
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt
@@ -81,4 +104,5 @@ def keep_freed_memory(force: bool | None = None) -> bool:
     return False
   import jax
   jax.config.update("jax_cpu_enable_async_dispatch", False)
+  _applied = True
   return True

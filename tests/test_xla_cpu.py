@@ -19,9 +19,21 @@ def test_off_unless_asked_for(monkeypatch):
   assert xla_cpu.keep_freed_memory(force=False) is False
 
 
+@pytest.mark.skipif(not _GLIBC, reason="mallopt settings exist only in glibc")
+def test_refused_with_a_warning_once_jax_is_running():
+  code = ("import warnings, jax.numpy as jnp; from etcjax import xla_cpu\n"
+          "jnp.ones(3).block_until_ready()\n"
+          "with warnings.catch_warnings(record=True) as w:\n"
+          "  warnings.simplefilter('always')\n"
+          "  print(xla_cpu.keep_freed_memory(force=True), 'already' in str(w[0].message))\n")
+  assert _run(code).split() == ["False", "True"]
+
+
 def _run(code, **env):
   import os
-  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+  # -W error: an unexpected "ignored" warning fails the run.
+  return subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code],
+                        capture_output=True, text=True,
                         env={**os.environ, **env}, check=True).stdout
 
 
@@ -37,9 +49,12 @@ def test_applied_on_cpu_and_freed_big_buffers_are_reused():
       "b = np.ones(2**24, np.float32)\n"
       "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f < 100)\n"
       "import jax; print(jax.config.read(\"jax_cpu_enable_async_dispatch\"))\n"
-      "print(float(jnp.sum(jnp.ones(1000))))\n")
-  assert _run(code, **{xla_cpu.ENV_VAR: "1"}).split() == ["True", "True", "False", "1000.0"]
-  assert _run(code, **{xla_cpu.ENV_VAR: "0"}).split() == ["False", "False", "True", "1000.0"]
+      "print(float(jnp.sum(jnp.ones(1000))))\n"
+      "print(xla_cpu.keep_freed_memory())\n")  # Again, JAX running: a no-op, no warning.
+  on = _run(code, **{xla_cpu.ENV_VAR: "1"}).split()
+  assert on == ["True", "True", "False", "1000.0", "True"]
+  off = _run(code, **{xla_cpu.ENV_VAR: "0"}).split()
+  assert off == ["False", "False", "True", "1000.0", "False"]
 
 
 def test_compiler_options_widen_vectors_on_cpu_only():
