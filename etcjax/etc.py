@@ -490,7 +490,7 @@ def _transform_np(x: np.ndarray, s: Schedule, grid: tuple[int, int]) -> np.ndarr
   src = np.ascontiguousarray(x).reshape((-1, rows, b, cols, b, 3))
   out = np.empty_like(src)
   perm, rotflip, negpos, chperm = (np.asarray(getattr(s, f)).tolist()
-                                   for f in ("perm", "rotflip", "negpos", "chperm"))
+                                   for f in _FIELDS)
   is_u8 = x.dtype == np.uint8
   one = np.asarray(1, x.dtype)
   for i, p in enumerate(perm):
@@ -524,7 +524,7 @@ def _host_maps(key: tuple) -> tuple[np.ndarray, np.ndarray]:
 def _transform_np_take(x: np.ndarray, s: Schedule, grid: tuple[int, int]) -> np.ndarray:
   """`_transform_np` for many small blocks: one `np.take` over the cached index map."""
   key = tuple(np.ascontiguousarray(np.asarray(getattr(s, f)), np.int64).tobytes()
-              for f in ("perm", "rotflip", "negpos", "chperm")) + (tuple(grid), s.block_size)
+              for f in _FIELDS) + (tuple(grid), s.block_size)
   index, neg = _host_maps(key)
   flat = np.ascontiguousarray(x).reshape(-1, index.shape[0])
   out = np.take(flat, index, axis=1).reshape((-1,) + x.shape[-3:])

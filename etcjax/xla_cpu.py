@@ -23,9 +23,9 @@ only (Linux); elsewhere it does nothing.
 
 Compiler options. XLA:CPU vectorises loops for 256-bit registers by default; on AVX-512
 machines 512-bit vectors made the ConvMixer step's elementwise, shifted-sum and reduction
-loops ~15 % faster. `compiler_options()` returns the options for `jax.jit(...,
-compiler_options=...)`; LLVM caps the width at what the CPU has, so they are safe
-everywhere, and they are empty off CPU.
+loops faster (the whole step 8.6 s -> 6.9 s). `compiler_options()` returns the options for
+`jax.jit(..., compiler_options=...)`; LLVM caps the width at what the CPU has, so they are
+safe everywhere, and they are empty off CPU.
 """
 
 from __future__ import annotations

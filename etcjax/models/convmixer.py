@@ -38,7 +38,7 @@ rounding, forward and gradients):
 
 With `etcjax.xla_cpu.compiler_options()` (the training steps use them) this took the
 ConvMixer-256/8 training step at batch 64 on a 2-core machine from 10.8 s to 6.9 s, and to
-4.6 s with the opt-in allocator set-up there. The custom backward passes make "shift"
+4.6-4.9 s with the opt-in allocator set-up there. The custom backward passes make "shift"
 reverse-mode only (`jax.jvp` needs "conv" or "shift_scan").
 """
 
@@ -235,6 +235,7 @@ def _depthwise_shift_bwd(layout: str, res: tuple[Array, Array], g: Array
 
 
 depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
+
 
 @jax.custom_vjp
 def pointwise_cnhw(x: Array, kernel: Array) -> Array:
