@@ -1,9 +1,15 @@
-"""Builds the optional CPU kernel of etcjax.etc; all other metadata is in pyproject.toml.
+"""Builds etcjax's optional CPU kernels; all other metadata is in pyproject.toml.
 
-`etcjax._etc_cpu` (etcjax/csrc/etc_cpu.cc) is an XLA FFI handler, not a Python module:
-etcjax.etc loads it with ctypes and registers it with JAX on first use. It is optional: with
-no C++17 compiler, or if compiling fails, pip prints a warning and installs etcjax without
-it, and etcjax.etc uses its pure-XLA path (`etc.cpu_kernel_status()` says which).
+Two libraries of XLA FFI handlers (not Python modules; etcjax.ffi_library loads them with
+ctypes and registers them with JAX on first use):
+
+* `etcjax._etc_cpu` (etcjax/csrc/etc_cpu.cc): the uint8 EtC transform, for etcjax.etc.
+* `etcjax._depthwise_cpu` (etcjax/csrc/depthwise_cpu.cc): ConvMixer's depthwise conv and
+  its gradients, for etcjax.models.depthwise_cpu (GCC or Clang: vector extensions).
+
+Both are optional: with no C++17 compiler, or if compiling fails, pip prints a warning and
+installs etcjax without them, and the callers use their pure-XLA paths
+(`etc.cpu_kernel_status()`, `depthwise_cpu.status()` say which).
 
 The XLA FFI headers it compiles against are vendored in etcjax/csrc/third_party (see the
 README there) rather than taken from jaxlib at build time: pip builds in an isolated
@@ -38,16 +44,20 @@ class BuildExt(build_ext):
     return []  # not a Python module: no PyInit_ symbol to export
 
 
+
+
+def _kernel(name: str, source: str) -> Extension:
+  return Extension(
+      f"etcjax.{name}",
+      sources=[f"etcjax/csrc/{source}"],
+      depends=[f"{_HEADERS}/xla/ffi/api/{h}" for h in ("api.h", "c_api.h", "ffi.h")],
+      include_dirs=[_HEADERS],
+      language="c++",
+      optional=True,
+  )
+
+
 setup(
-    ext_modules=[
-        Extension(
-            "etcjax._etc_cpu",
-            sources=["etcjax/csrc/etc_cpu.cc"],
-            depends=[f"{_HEADERS}/xla/ffi/api/{h}" for h in ("api.h", "c_api.h", "ffi.h")],
-            include_dirs=[_HEADERS],
-            language="c++",
-            optional=True,
-        ),
-    ],
+    ext_modules=[_kernel("_etc_cpu", "etc_cpu.cc"), _kernel("_depthwise_cpu", "depthwise_cpu.cc")],
     cmdclass={"build_ext": BuildExt},
 )

@@ -45,9 +45,7 @@ All give bit-identical results (tested).
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import importlib.util
 import itertools
 import os
 from typing import Any
@@ -58,6 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import PartitionSpec as P
+
+from etcjax import ffi_library
 
 # Output channel c of a block with chperm code k is input channel PERMS3[k][c].
 PERMS3 = np.array(list(itertools.permutations((0, 1, 2))), np.int32)  # (6, 3)
@@ -327,32 +327,10 @@ _KERNEL_ENV = "ETCJAX_ETC_KERNEL"
 @functools.cache
 def _kernel() -> tuple[Any, str]:
   """Loads and registers the kernel once; returns (ctypes library or None, status)."""
-  try:
-    spec = importlib.util.find_spec("etcjax._etc_cpu")
-  except (ImportError, ValueError):
-    spec = None
-  if spec is None or not spec.origin or not os.path.exists(spec.origin):
-    return None, ("not built: no etcjax._etc_cpu library (reinstall with a C++17 compiler: "
-                  "pip install -e .)")
-  if not hasattr(jax, "ffi"):
-    return None, f"unsupported: jax {jax.__version__} has no jax.ffi"
-  try:
-    lib = ctypes.CDLL(spec.origin)
-    simd = "AVX-512 VBMI" if lib.EtcTransformU8Simd() else "portable loop"
-    jax.ffi.register_ffi_target(_KERNEL_TARGET, jax.ffi.pycapsule(lib.EtcTransformU8),
-                                platform="cpu")
-  except (OSError, AttributeError, RuntimeError, ValueError) as e:
-    return None, f"failed to load {os.path.realpath(spec.origin)}: {e}"
-  # `lib` stays referenced by the cache: unloading it would leave XLA a dangling handler.
-  # A kernel that registers but fails with this jaxlib (FFI ABI checks happen at run time)
-  # must not break every CPU encryption: run it once, fall back to the gather if it fails.
-  try:
-    error = _kernel_self_test()
-  except Exception as e:  # any failure means: do not use the kernel
-    error = f"{type(e).__name__}: {e}"
-  if error:
-    return None, f"failed its self-test ({error}): {os.path.realpath(spec.origin)}"
-  return lib, f"loaded ({simd}): {os.path.realpath(spec.origin)}"
+  return ffi_library.load(
+      "etcjax._etc_cpu", {_KERNEL_TARGET: "EtcTransformU8"},
+      describe=lambda lib: "AVX-512 VBMI" if lib.EtcTransformU8Simd() else "portable loop",
+      self_test=lambda: _kernel_self_test())
 
 
 def _kernel_self_test() -> str | None:

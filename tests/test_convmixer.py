@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from etcjax import models
-from etcjax.models import convmixer
+from etcjax.models import convmixer, depthwise_cpu
 
 
 def _param_count(name, size):
@@ -66,10 +66,12 @@ def test_training_updates_batch_stats_with_pytorch_momentum():
 
 
 @pytest.mark.parametrize("layout", ["NHWC", "CNHW"])
-@pytest.mark.parametrize("impl", ["conv", "shift", "shift_scan"])
+@pytest.mark.parametrize("impl", ["conv", "shift", "shift_scan", "ffi"])
 @pytest.mark.parametrize("k,shape", [(9, (2, 12, 12, 8)), (4, (1, 5, 7, 3))])
 def test_depthwise_formulations_match_xla_grouped_conv(impl, layout, k, shape):
   """Forward and both gradients equal NHWC `lax` grouped conv, in every layout."""
+  if impl == "ffi" and not depthwise_cpu.available():
+    pytest.skip(f"compiled depthwise kernel unavailable: {depthwise_cpu.status()}")
   x = jax.random.normal(jax.random.key(0), shape)
   w = jax.random.normal(jax.random.key(1), (k, k, 1, shape[-1])) / k
   g = jax.random.normal(jax.random.key(2), shape)
@@ -146,15 +148,20 @@ def test_whole_model_is_the_same_with_every_formulation_and_layout():
     return logits, updates, grads
 
   ref = loss_and_grads("conv", "NHWC")
-  for impl, layout in [("shift", "NHWC"), ("shift", "CNHW"), ("shift_scan", "CNHW")]:
+  cases = [("shift", "NHWC"), ("shift", "CNHW"), ("shift_scan", "CNHW")]
+  if depthwise_cpu.available():
+    cases += [("ffi", "CNHW"), ("ffi", "NHWC")]
+  for impl, layout in cases:
     got = loss_and_grads(impl, layout)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, ref)
 
 
 def test_auto_choices_depend_on_the_backend():
   on_cpu = jax.default_backend() == "cpu"
-  assert convmixer.resolve_depthwise_impl("auto") == ("shift" if on_cpu else "conv")
+  cpu_impl = "ffi" if depthwise_cpu.available() else "shift"
+  assert convmixer.resolve_depthwise_impl("auto") == (cpu_impl if on_cpu else "conv")
   assert convmixer.resolve_layout("auto", "shift") == ("CNHW" if on_cpu else "NHWC")
+  assert convmixer.resolve_layout("auto", "ffi") == ("CNHW" if on_cpu else "NHWC")
   assert convmixer.resolve_layout("auto", "conv") == "NHWC"
   assert convmixer.resolve_layout("NHWC") == "NHWC"
 
@@ -198,7 +205,7 @@ from etcjax import models
 mesh = Mesh(np.array(jax.devices()), ("data",))
 x = jax.random.uniform(jax.random.key(1), (8, 8, 8, 3), minval=-1, maxval=1)
 ref_model = models.create("ConvMixer-tiny-test", 4, depthwise_impl="conv", layout="NHWC")
-model = models.create("ConvMixer-tiny-test", 4)  # auto: shift + CNHW on CPU
+model = models.create("ConvMixer-tiny-test", 4)  # auto: ffi (or shift) + CNHW on CPU
 variables = ref_model.init(jax.random.key(0), x)
 def grads(m, x):
   def loss(p):

@@ -23,23 +23,27 @@ intensities (p -> 1 - p) block by block, so one affine map that is the same for 
 channel and symmetric about 0.5 keeps every encrypted block's statistics alike; the first
 BatchNorm absorbs the remaining scale.
 
-Speed. XLA's grouped convolution, the obvious depthwise conv, is several times slower than
-PyTorch's on CPU. Two options select equivalent, faster formulations (tested equal to float
+Speed. XLA's grouped convolution, the obvious depthwise conv, is many times slower than
+PyTorch's on CPU. Options select equivalent, faster formulations (tested equal to float
 rounding, forward and gradients):
 
-* `depthwise_impl`: "conv" (XLA grouped conv), "shift" (fused shifted multiply-adds with a
-  hand-written backward pass, `depthwise_shift`), "shift_scan" (a `lax.scan` over kernel rows,
-  plain autodiff) or "auto": "shift" on CPU, "conv" on GPU/TPU.
+* `depthwise_impl`: "conv" (XLA grouped conv), "ffi" (etcjax's compiled CPU kernel,
+  `depthwise_cpu`: forward, input and kernel gradients each an FFI call), "shift" (fused
+  shifted multiply-adds with a hand-written backward pass, `depthwise_shift`), "shift_scan"
+  (a `lax.scan` over kernel rows, plain autodiff) or "auto": on CPU "ffi" where the kernel
+  is built (else "shift"), "conv" on GPU/TPU.
 * `layout`: the activation layout inside the mixer layers, "NHWC" or "CNHW" (channel-major:
-  XLA's CPU code vectorises the shifted sums and the BatchNorm / kernel-gradient reductions
-  along the contiguous spatial axis), or "auto": "CNHW" with "shift" on CPU, else "NHWC".
-  In CNHW the 1x1 convolution is `pointwise_cnhw`, whose hand-written backward pass keeps
-  XLA from fusing a transpose into the GELU / BatchNorm code (a third of the step before).
+  the kernel's planes, and XLA's CPU code vectorises the shifted sums and the BatchNorm /
+  kernel-gradient reductions along the contiguous spatial axis), or "auto": "CNHW" with
+  "ffi" or "shift" on CPU, else "NHWC". In CNHW the 1x1 convolution is `pointwise_cnhw`,
+  whose hand-written backward pass keeps XLA from fusing a transpose into the GELU /
+  BatchNorm code (a third of the step before).
 
-With `etcjax.xla_cpu.compiler_options()` (the training steps use them) this took the
-ConvMixer-256/8 training step at batch 64 on a 2-core machine from 10.8 s to 6.9 s, and to
-4.6-4.9 s with the opt-in allocator set-up there. The custom backward passes make "shift"
-reverse-mode only (`jax.jvp` needs "conv" or "shift_scan").
+With `etcjax.xla_cpu.compiler_options()` (the training steps use them) the ConvMixer-256/8
+training step at batch 64 on a 2-core machine went from 10.8 s ("shift" before the other
+changes) to 7.4 s with "shift" and 5.3 s with "ffi", and to 2.9 s with "ffi" and the opt-in
+allocator set-up there (README, "Performance"). The custom backward passes make "ffi" and
+"shift" reverse-mode only (`jax.jvp` needs "conv" or "shift_scan").
 """
 
 from __future__ import annotations
@@ -52,10 +56,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from etcjax.models import depthwise_cpu
+
 Array = jax.Array
 
 INPUT_RANGE = (-1.0, 1.0)
-DEPTHWISE_IMPLS = ("auto", "conv", "shift", "shift_scan")
+DEPTHWISE_IMPLS = ("auto", "conv", "shift", "shift_scan", "ffi")
 LAYOUTS = ("auto", "NHWC", "CNHW")
 
 
@@ -275,8 +281,20 @@ def _pointwise_cnhw_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Arra
 
 pointwise_cnhw.defvjp(_pointwise_cnhw_fwd, _pointwise_cnhw_bwd)
 
+def depthwise_ffi(x: Array, kernel: Array, layout: str = "CNHW") -> Array:
+  """Depthwise conv as etcjax's compiled CPU kernel (`depthwise_cpu.depthwise_cnhw`).
+
+  Channel-major at heart: NHWC inputs are transposed there and back. CPU only, needs
+  `depthwise_cpu.available()`; reverse-mode differentiable.
+  """
+  if layout == "NHWC":
+    out = depthwise_cpu.depthwise_cnhw(jnp.transpose(x, (3, 0, 1, 2)), kernel)
+    return jnp.transpose(out, (1, 2, 3, 0))
+  return depthwise_cpu.depthwise_cnhw(x, kernel)
+
+
 DEPTHWISE_FUNCTIONS = {"conv": depthwise_conv, "shift": depthwise_shift,
-                       "shift_scan": depthwise_shift_scan}
+                       "shift_scan": depthwise_shift_scan, "ffi": depthwise_ffi}
 
 
 def _on_cpu() -> bool:
@@ -284,17 +302,26 @@ def _on_cpu() -> bool:
 
 
 def resolve_depthwise_impl(impl: str) -> str:
-  """Maps "auto" to the fastest formulation on the default backend: "shift" on CPU, else
-  "conv" (cuDNN / the TPU convolution units handle grouped convs well)."""
+  """Maps "auto" to the fastest formulation on the default backend: on CPU "ffi" where the
+  compiled kernel loaded (`depthwise_cpu.status()`), else "shift"; "conv" on GPU/TPU (cuDNN
+  / the TPU convolution units handle grouped convs well)."""
   if impl not in DEPTHWISE_IMPLS:
     raise ValueError(f"unknown depthwise_impl {impl!r}; valid: {', '.join(DEPTHWISE_IMPLS)}")
   if impl == "auto":
-    return "shift" if _on_cpu() else "conv"
+    if not _on_cpu():
+      return "conv"
+    return "ffi" if depthwise_cpu.available() else "shift"
+  if impl == "ffi" and not _on_cpu():
+    raise ValueError(f"depthwise_impl 'ffi' is a CPU kernel; the default backend is "
+                     f"{jax.default_backend()}")
+  if impl == "ffi" and not depthwise_cpu.available():
+    raise ValueError(f"depthwise_impl 'ffi' needs the compiled CPU kernel, which is "
+                     f"{depthwise_cpu.status()}")
   return impl
 
 
 def resolve_layout(layout: str, impl: str = "shift") -> str:
-  """Maps "auto" to "CNHW" for the "shift" formulation on CPU and to "NHWC" otherwise.
+  """Maps "auto" to "CNHW" for the "shift" and "ffi" formulations on CPU, else "NHWC".
 
   Args:
     layout: one of `LAYOUTS`.
@@ -304,7 +331,7 @@ def resolve_layout(layout: str, impl: str = "shift") -> str:
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
   if layout == "auto":
-    return "CNHW" if _on_cpu() and impl == "shift" else "NHWC"
+    return "CNHW" if _on_cpu() and impl in ("shift", "ffi") else "NHWC"
   return layout
 
 
@@ -316,7 +343,7 @@ class DepthwiseConv(nn.Module):
 
   Attributes:
     kernel_size: k.
-    impl: a resolved `DEPTHWISE_IMPLS` entry ("conv", "shift", "shift_scan").
+    impl: a resolved `DEPTHWISE_IMPLS` entry ("conv", "shift", "shift_scan", "ffi").
     layout: "NHWC" or "CNHW".
     dtype: computation dtype.
 
