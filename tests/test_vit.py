@@ -136,14 +136,25 @@ def test_dropout_and_stochastic_depth_are_random_in_training_only(scan):
   assert not np.allclose(t1, apply(0, False))
 
 
-def test_fused_and_flax_attention_agree():
+def test_every_attention_impl_agrees_in_logits_gradients_and_initial_values():
   params = _random_params(_tiny())
-  ref = _tiny(attention_impl="flax").apply({"params": params}, _images())
-  for impl in ("fused", "auto"):
-    np.testing.assert_allclose(_tiny(attention_impl=impl).apply({"params": params}, _images()),
-                               ref, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="attention dropout"):
-    _tiny(attention_impl="fused", attention_dropout_rate=0.1).init(jax.random.key(0), _images())
+  x = _images()
+
+  def logits_and_grads(impl):
+    model = _tiny(attention_impl=impl)
+    return jax.value_and_grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(params)
+
+  ref = logits_and_grads("flax")
+  for impl in ("fused", "heads", "auto"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 logits_and_grads(impl), ref)
+  # Same parameter tree and, from the same RNG, the same initial values.
+  init = {impl: _tiny(attention_impl=impl).init(jax.random.key(0), x)["params"]
+          for impl in ("flax", "heads")}
+  jax.tree.map(np.testing.assert_array_equal, init["heads"], init["flax"])
+  for impl in ("fused", "heads"):
+    with pytest.raises(ValueError, match="attention dropout"):
+      _tiny(attention_impl=impl, attention_dropout_rate=0.1).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="attention_impl"):
     _tiny(attention_impl="flash").init(jax.random.key(0), _images())
 
