@@ -12,9 +12,10 @@ steps here get it too.
 
 A step is forward + cross-entropy + backward + AdamW update (+ BatchNorm statistics for
 ConvMixer) on random data, timed after compilation / warm-up as the best and median of
-`--steps` runs. For ConvMixer every depthwise formulation in `--depthwise` is timed
-("auto" resolves per backend). When `torch` imports (the optional `bench` extra:
-`.venv/bin/pip install torch==2.13.0`, a CPU wheel) the same networks and step run in
+`--steps` runs. For ConvMixer every depthwise formulation in `--depthwise`, for ViT every
+attention implementation in `--attention` is timed ("auto" resolves per backend). When
+`torch` imports (the optional `bench` extra: `.venv/bin/pip install torch==2.13.0`, a CPU
+wheel) the same networks and step run in
 PyTorch in the same process (channels-last for ConvMixer, as its CPU kernels want) and the
 JAX / PyTorch time ratio is printed. Model FLOPs per step are 3x the forward pass's (XLA
 cost analysis; ConvMixer counted with the plain grouped conv); on a GPU/TPU with a known
@@ -40,7 +41,7 @@ import optax
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from etcjax import models, xla_cpu  # noqa: E402
-from etcjax.models import convmixer  # noqa: E402
+from etcjax.models import convmixer, vit  # noqa: E402
 
 # Dense bf16 peak TFLOP/s per chip for MFU (vendor figures; fp32 runs are compared to it too).
 PEAK_TFLOPS = {
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                       help=f"ConvMixer depthwise formulations, from {convmixer.DEPTHWISE_IMPLS}")
   parser.add_argument("--layouts", default="auto",
                       help=f"ConvMixer activation layouts, from {convmixer.LAYOUTS}")
+  parser.add_argument("--attention", default="auto",
+                      help=f"ViT attention implementations, from {vit.ATTENTION_IMPLS}")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--vit-remat", action="store_true", help="ViT with remat=True")
   parser.add_argument("--vit-scan", action="store_true", help="ViT with scan=True")
@@ -266,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                      models.create("ConvMixer-256_8", 10, depthwise_impl=impl, layout=layout,
                                    dtype=args.dtype), args.convmixer_batch, 32))
   if "vit" in wanted:
-    runs.append(("ViT-S/16", "vit",
-                 models.create("ViT-S_16", 10, dtype=args.dtype, remat=args.vit_remat,
-                               scan=args.vit_scan), args.vit_batch, 224))
+    for impl in [s.strip() for s in args.attention.split(",") if s.strip()]:
+      runs.append((f"ViT-S/16 [{vit.resolve_attention_impl(impl)}]", "vit",
+                   models.create("ViT-S_16", 10, dtype=args.dtype, remat=args.vit_remat,
+                                 scan=args.vit_scan, attention_impl=impl), args.vit_batch, 224))
 
   runners: dict[str, Callable[[], None]] = {}
   flops: dict[str, float | None] = {}

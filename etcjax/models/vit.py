@@ -188,6 +188,24 @@ class _HeadsOutput(nn.Module):
     return jnp.einsum("nhtk,hkd->ntd", y, kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
+def resolve_attention_impl(impl: str, attention_dropout_rate: float = 0.0) -> str:
+  """Maps "auto" to "heads" on CPU and "fused" elsewhere ("flax" with attention dropout).
+
+  Raises:
+    ValueError: an unknown impl, or attention dropout with "fused" / "heads".
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown attention_impl {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}")
+  if impl in ("fused", "heads") and attention_dropout_rate > 0:
+    raise ValueError(f"attention_impl={impl!r} has no attention dropout; use 'flax' or set "
+                     "attention_dropout_rate=0")
+  if impl != "auto":
+    return impl
+  if attention_dropout_rate > 0:
+    return "flax"
+  return "heads" if jax.default_backend() == "cpu" else "fused"
+
+
 class MlpBlock(nn.Module):
   """Transformer MLP: Dense(mlp_dim) -> exact GELU -> dropout -> Dense(D) -> dropout."""
 
@@ -341,18 +359,7 @@ class VisionTransformer(nn.Module):
   def __call__(self, images: Array, train: bool = False) -> Array:
     if self.classifier not in ("token", "gap"):
       raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"unknown attention_impl {self.attention_impl!r}; valid: "
-                       f"{', '.join(ATTENTION_IMPLS)}")
-    if self.attention_impl in ("fused", "heads") and self.attention_dropout_rate > 0:
-      raise ValueError(f"attention_impl={self.attention_impl!r} has no attention dropout; use "
-                       "'flax' or set attention_dropout_rate=0")
-    attention_impl = self.attention_impl
-    if attention_impl == "auto":
-      if self.attention_dropout_rate > 0:
-        attention_impl = "flax"
-      else:
-        attention_impl = "heads" if jax.default_backend() == "cpu" else "fused"
+    attention_impl = resolve_attention_impl(self.attention_impl, self.attention_dropout_rate)
     dtype = jnp.dtype(self.dtype)
     n, h, w, _ = images.shape
     p = self.patch_size

@@ -1,0 +1,26 @@
+"""benchmarks/bench_models.py runs end to end (tiny batches; timings are not checked)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from etcjax.models import depthwise_cpu
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_models.py")
+
+
+@pytest.mark.slow
+def test_model_benchmark_runs_every_requested_formulation():
+  r = subprocess.run(
+      [sys.executable, SCRIPT, "--steps", "1", "--convmixer-batch", "1", "--vit-batch", "1",
+       "--depthwise", "auto,shift", "--attention", "auto,fused", "--no-torch"],
+      capture_output=True, text=True, timeout=900, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = r.stdout
+  cpu_impl = "ffi" if depthwise_cpu.available() else "shift"
+  for label in (f"ConvMixer-256/8 [{cpu_impl},CNHW]", "ConvMixer-256/8 [shift,CNHW]",
+                "ViT-S/16 [heads]", "ViT-S/16 [fused]"):
+    assert label in out, out
+  assert "model GFLOP/step" in out
