@@ -15,10 +15,12 @@ ConvMixer) on random data, timed after compilation / warm-up as the best and med
 `--steps` runs. For ConvMixer every depthwise formulation in `--depthwise`, for ViT every
 attention implementation in `--attention` is timed ("auto" resolves per backend). When
 `torch` imports (the optional `bench` extra: `.venv/bin/pip install torch==2.13.0`, a CPU
-wheel) the same networks and step run in
-PyTorch in the same process (channels-last for ConvMixer, as its CPU kernels want) and the
-JAX / PyTorch time ratio is printed. Model FLOPs per step are 3x the forward pass's (XLA
-cost analysis; ConvMixer counted with the plain grouped conv); on a GPU/TPU with a known
+wheel) the same networks and step run in PyTorch in the same process (channels-last for
+ConvMixer, as its CPU kernels want) and the JAX / PyTorch time ratio is printed, and for
+each step its minor page faults and system CPU time (with default malloc, XLA:CPU maps a
+step's whole working set afresh every step; on some VMs faulting it in costs seconds, so
+compare with `--keep-freed-memory` too). Model FLOPs per step are 3x the forward pass's
+(XLA cost analysis; ConvMixer counted with the plain grouped conv); on a GPU/TPU with a known
 peak (or `--peak-tflops`) model FLOPs utilisation (MFU) is printed too. JAX and PyTorch
 steps are timed in alternation, so a busy spell slows both; still, timings on a shared
 machine are noisy: rerun on a quiet one.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -59,11 +62,14 @@ def peak_tflops(device: jax.Device) -> float | None:
   return None
 
 
-def time_interleaved(runners: dict[str, Callable[[], object]], steps: int
+def time_interleaved(runners: dict[str, Callable[[], object]], steps: int,
+                     usage: dict[str, tuple[float, float]] | None = None
                      ) -> dict[str, tuple[float, float]]:
   """Runs every runner once (warm-up), then `steps` rounds of each in turn.
 
   Interleaving spreads a busy machine's slow spells over all contenders instead of one.
+  If `usage` is given it receives `{name: (minor page faults, system CPU seconds)}` per
+  step: the cost of touching freshly mapped memory, which the step times include.
 
   Returns:
     `{name: (best seconds, median seconds)}`.
@@ -71,15 +77,20 @@ def time_interleaved(runners: dict[str, Callable[[], object]], steps: int
   for fn in runners.values():
     fn()
   times: dict[str, list[float]] = {name: [] for name in runners}
+  faults = {name: 0.0 for name in runners}
+  system = {name: 0.0 for name in runners}
   for _ in range(steps):
     for name, fn in runners.items():
+      before = resource.getrusage(resource.RUSAGE_SELF)
       start = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - start)
+      after = resource.getrusage(resource.RUSAGE_SELF)
+      faults[name] += after.ru_minflt - before.ru_minflt
+      system[name] += after.ru_stime - before.ru_stime
+  if usage is not None:
+    usage.update({name: (faults[name] / steps, system[name] / steps) for name in runners})
   return {name: (min(t), statistics.median(t)) for name, t in times.items()}
-
-
-# ----------------------------------------------------------------------------------- JAX
 
 
 def model_flops_per_image(model, size: int) -> float | None:
@@ -216,6 +227,11 @@ def torch_step_runner(torch, model, batch: int, size: int, num_classes: int,
 # ----------------------------------------------------------------------------------- main
 
 
+def _usage_note(usage: tuple[float, float]) -> str:
+  faults, system = usage
+  return f"\n{'':30s}   page faults/step {faults:10,.0f}, system CPU {system:6.2f} s/step"
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default="convmixer,vit",
@@ -290,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
       else:
         tmodel, channels_last = vit_cls(16, 384, 12, 6, 1536, 10, size), False
       runners[torch_label] = torch_step_runner(torch, tmodel, batch, size, 10, channels_last)
-  times = time_interleaved(runners, args.steps)
+  usage: dict[str, tuple[float, float]] = {}
+  times = time_interleaved(runners, args.steps, usage)
 
   for label, kind, _, batch, size in runs:
     best, median = times[label]
@@ -301,12 +318,13 @@ def main(argv: list[str] | None = None) -> int:
       line += f"  {f / 1e9:8.1f} model GFLOP/step  {f / best / 1e12:7.3f} TFLOP/s"
       if peak:
         line += f"  MFU {100 * f / best / (peak * 1e12):5.1f}% of {peak:g} TFLOP/s"
+    line += _usage_note(usage[label])
     torch_label = f"PyTorch {kind}"
     if torch_label in times:
       tbest, tmedian = times[torch_label]
       line += (f"\n{'':30s} PyTorch best {tbest:8.3f} s  median {tmedian:8.3f} s  "
                f"{batch / tbest:9.1f} img/s   JAX/PyTorch time ratio {best / tbest:5.2f} "
-               f"(median {median / tmedian:5.2f})")
+               f"(median {median / tmedian:5.2f})" + _usage_note(usage[torch_label]))
     print(line, flush=True)
   return 0
 

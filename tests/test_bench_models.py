@@ -23,4 +23,4 @@ def test_model_benchmark_runs_every_requested_formulation():
   for label in (f"ConvMixer-256/8 [{cpu_impl},CNHW]", "ConvMixer-256/8 [shift,CNHW]",
                 "ViT-S/16 [heads]", "ViT-S/16 [fused]"):
     assert label in out, out
-  assert "model GFLOP/step" in out
+  assert "model GFLOP/step" in out and out.count("page faults/step") == 4
