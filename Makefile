@@ -10,7 +10,7 @@ venv: $(STAMP)
 
 # Rebuilt whenever pyproject.toml changes; everything the project needs is declared there.
 # setup.py builds the optional CPU kernels (etcjax/csrc) in place, so their sources count too.
-$(STAMP): pyproject.toml setup.py etcjax/csrc/etc_cpu.cc etcjax/csrc/depthwise_cpu.cc
+$(STAMP): pyproject.toml setup.py $(wildcard etcjax/csrc/*.cc etcjax/csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'

@@ -50,7 +50,8 @@ def _kernel(name: str, source: str) -> Extension:
   return Extension(
       f"etcjax.{name}",
       sources=[f"etcjax/csrc/{source}"],
-      depends=[f"{_HEADERS}/xla/ffi/api/{h}" for h in ("api.h", "c_api.h", "ffi.h")],
+      depends=["etcjax/csrc/ffi_util.h"]
+      + [f"{_HEADERS}/xla/ffi/api/{h}" for h in ("api.h", "c_api.h", "ffi.h")],
       include_dirs=[_HEADERS],
       language="c++",
       optional=True,

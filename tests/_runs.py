@@ -1,4 +1,5 @@
-"""Helpers for tests that run `python -m etcjax.main` in subprocesses (multi-host, SIGTERM).
+"""Helpers for tests that run Python in subprocesses: `python -m etcjax.main` (multi-host,
+SIGTERM) and scripts on several fake CPU devices.
 
 Each run gets its own environment: `XLA_FLAGS=--xla_force_host_platform_device_count=N`
 must be set before JAX starts, which the pytest process has already done with 1 device.
@@ -66,6 +67,23 @@ def make_run_files(tmp: Path) -> Path:
   config = tmp / "tiny_config.py"
   config.write_text(CONFIG.format(data=tmp / "data", key=key))
   return config
+
+
+def run_on_fake_devices(code: str, devices: int = 8, timeout: float = 300,
+                        unset: tuple[str, ...] = ()) -> str:
+  """Runs `code` in a fresh Python on `devices` fake CPU devices; returns its stdout.
+
+  Fails the test (with the end of stderr) when the script exits non-zero. `unset` names
+  environment variables the script must not inherit.
+  """
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  for name in unset:
+    env.pop(name, None)
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                     timeout=timeout, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r.stdout
 
 
 def free_port() -> int:

@@ -37,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "ffi_util.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -342,24 +343,11 @@ PlanesFn Choose(bool conv, int isa) {
 
 // -------------------------------------------------------------------------- FFI handlers
 
+using ffi_util::Dims;
+using ffi_util::ReadyFuture;
+
 ffi::Future ErrorFuture(const std::string& message) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  promise.SetError(ffi::Error::InvalidArgument("etcjax depthwise: " + message));
-  return future;
-}
-
-ffi::Future ReadyFuture() {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  promise.SetAvailable();
-  return future;
-}
-
-std::string Dims(ffi::Span<const int64_t> dims) {
-  std::string s = "(";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + (dims.size() == 1 ? ",)" : ")");
+  return ffi_util::ErrorFuture(ffi::Error::InvalidArgument("etcjax depthwise: " + message));
 }
 
 // Checks x (C, N, H, W) and the attributes; returns an error message, empty if all is well.
@@ -389,9 +377,7 @@ bool SameDims(ffi::Span<const int64_t> a, std::initializer_list<int64_t> b) {
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
 }
 
-// Splits the planes into one contiguous range per pool thread (fewer for small calls); the
-// handler's thread runs the first range. Nothing waits on a pool task, so a busy pool only
-// delays the future.
+// Splits the planes into one contiguous range per pool thread (fewer for small calls).
 ffi::Future RunPlanes(ffi::ThreadPool pool, std::shared_ptr<Job> job, PlanesFn fn) {
   const int64_t planes = job->planes();
   if (planes == 0 || job->h == 0 || job->w == 0) return ReadyFuture();
@@ -400,25 +386,9 @@ ffi::Future RunPlanes(ffi::ThreadPool pool, std::shared_ptr<Job> job, PlanesFn f
   const int64_t macs = planes * job->h * job->w * job->k * job->k;
   int64_t tasks = std::max<int64_t>(1, pool.num_threads());
   tasks = std::min({tasks, std::max<int64_t>(1, macs / kMinTaskMacs), planes});
-  if (tasks <= 1) {
-    fn(*job, 0, planes);
-    return ReadyFuture();
-  }
-  ffi::CountDownPromise done(tasks);
-  ffi::Future future(done);
-  for (int64_t t = tasks - 1; t >= 0; --t) {
-    auto task = [job, fn, done, first = planes * t / tasks,
-                 last = planes * (t + 1) / tasks]() mutable {
-      fn(*job, first, last);
-      done.CountDown();
-    };
-    if (t == 0) {
-      task();
-    } else {
-      pool.Schedule(std::function<void()>(std::move(task)));
-    }
-  }
-  return future;
+  return ffi_util::SplitOverPool(pool, planes, tasks, [job, fn](int64_t first, int64_t last) {
+    fn(*job, first, last);
+  });
 }
 
 ffi::Future Conv(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer taps,

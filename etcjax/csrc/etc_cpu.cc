@@ -38,12 +38,16 @@
 #define ETCJAX_X86_SIMD 1
 #endif
 
+#include "ffi_util.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace etcjax {
 
+using ffi_util::Dims;
+using ffi_util::ErrorFuture;
+using ffi_util::ReadyFuture;
 using Field = ffi::Buffer<ffi::S32, 1>;  // one schedule array, int32 (n,)
 
 namespace {
@@ -348,26 +352,6 @@ void RunUnits(const Job& job, BandFn band_fn, int64_t first, int64_t last) {
   if (stage) StreamFence();
 }
 
-ffi::Future ErrorFuture(ffi::Error error) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  promise.SetError(std::move(error));
-  return future;
-}
-
-ffi::Future ReadyFuture() {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  promise.SetAvailable();
-  return future;
-}
-
-std::string Dims(ffi::Span<const int64_t> dims) {
-  std::string s = "(";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + (dims.size() == 1 ? ",)" : ")");
-}
-
 // Checks the call and builds the job; returns an error message, empty if all is well.
 std::string Plan(ffi::AnyBuffer images, Field perm,
                  Field rotflip, Field negpos,
@@ -463,27 +447,10 @@ ffi::Future TransformU8(ffi::ThreadPool pool, ffi::AnyBuffer images,
   int64_t tasks = std::max<int64_t>(1, pool.num_threads());
   if (threads > 0) tasks = std::min(tasks, threads);
   tasks = std::min({tasks, std::max<int64_t>(1, total / kMinParallelBytes), units});
-  if (tasks <= 1) {
-    RunUnits(*job, band_fn, 0, units);
-    return ReadyFuture();
-  }
-  // The handler's thread runs the first range itself. Nothing waits on a pool task, so a
-  // busy pool only delays the future, and a failed Schedule runs the task inline.
-  ffi::CountDownPromise done(tasks);
-  ffi::Future future(done);
-  for (int64_t t = tasks - 1; t >= 0; --t) {
-    auto task = [job, band_fn, done, first = units * t / tasks,
-                 last = units * (t + 1) / tasks]() mutable {
-      RunUnits(*job, band_fn, first, last);
-      done.CountDown();
-    };
-    if (t == 0) {
-      task();
-    } else {
-      pool.Schedule(std::function<void()>(std::move(task)));
-    }
-  }
-  return future;
+  return ffi_util::SplitOverPool(pool, units, tasks, [job, band_fn](int64_t first,
+                                                                    int64_t last) {
+    RunUnits(*job, band_fn, first, last);
+  });
 }
 
 }  // namespace
