@@ -45,9 +45,10 @@ rounding, forward and gradients):
 
 With `etcjax.xla_cpu.compiler_options()` (the training steps use them) the ConvMixer-256/8
 training step at batch 64 on a 2-core machine went from 10.8 s ("shift" before the other
-changes) to 7.4 s with "shift" and 5.3 s with "ffi", and to 2.9 s with "ffi" and the opt-in
-allocator set-up there (README, "Performance"). The custom backward passes make "ffi" and
-"shift" reverse-mode only (`jax.jvp` needs "conv" or "shift_scan").
+changes) to 6.5 s with "shift" and 5.5 s with "ffi" (both with the lean GELU), and to 2.9 s
+with "ffi" and the opt-in allocator set-up there (README, "Benchmarks"). The custom
+backward passes make "ffi" and "shift" reverse-mode only (`jax.jvp` needs "conv" or
+"shift_scan").
 """
 
 from __future__ import annotations
@@ -285,7 +286,8 @@ def _pointwise_cnhw_bwd(res: tuple[Array, Array], g: Array) -> tuple[Array, Arra
 
 pointwise_cnhw.defvjp(_pointwise_cnhw_fwd, _pointwise_cnhw_bwd)
 
-def depthwise_ffi(x: Array, kernel: Array, layout: str = "CNHW") -> Array:
+
+def depthwise_ffi(x: Array, kernel: Array, layout: str = "NHWC") -> Array:
   """Depthwise conv as etcjax's compiled CPU kernel (`depthwise_cpu.depthwise_cnhw`).
 
   Channel-major at heart: NHWC inputs are transposed there and back. CPU only, needs

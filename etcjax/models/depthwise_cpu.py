@@ -18,8 +18,9 @@ library is optional: it is built by `pip install` where a C++17 GCC or Clang exi
 uses it on CPU, else "shift"). Float32 inside; other float dtypes are converted around the
 calls.
 
-Measured against the fused XLA formulation on a 2-core AVX-512 machine: README,
-"Performance".
+Per ConvMixer-256/8 layer at batch 64 on a 2-core AVX-512 machine: conv 15 ms and tap
+gradient 21 ms, against ~100 ms and ~123 ms for XLA's fused shifted sums (README,
+"Benchmarks").
 """
 
 from __future__ import annotations
