@@ -31,11 +31,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <string>
-#include <vector>
 
 #include "ffi_util.h"
 #include "xla/ffi/api/ffi.h"
