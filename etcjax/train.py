@@ -50,7 +50,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -577,7 +576,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _write_json(os.path.join(workdir, "config.json"), config_record(config, setup))
 
   train_step, eval_step = make_train_step(setup, tx), make_eval_step(setup)
-  # TensorBoard event files (process 0) and "[step] name=value" log lines.
+  # TensorBoard event files (process 0) and "[step] name=value" log lines. Imported here:
+  # clu's writers load TensorFlow, which building and timing a step does not need.
+  from clu import metric_writers  # noqa: PLC0415
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() > 0)
   total = config.num_train_steps
