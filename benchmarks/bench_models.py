@@ -2,7 +2,8 @@
 
   .venv/bin/python benchmarks/bench_models.py                      # both models, defaults
   .venv/bin/python benchmarks/bench_models.py --models convmixer --convmixer-batch 16
-  .venv/bin/python benchmarks/bench_models.py --dtype bfloat16 --vit-batch 256   # accelerator
+  python benchmarks/bench_models.py --dtype bfloat16 --vit-model ViT-B_16 --vit-batch 128 \
+      --convmixer-batch 256                                         # an NVIDIA GPU
 
 JAX steps are jitted as etcjax training jits them, with `etcjax.xla_cpu.compiler_options()`
 (`--default-compiler-options` leaves them out). `--keep-freed-memory` (or
@@ -15,12 +16,13 @@ ConvMixer) on random data, timed after compilation / warm-up as the best and med
 `--steps` runs. For ConvMixer every depthwise formulation in `--depthwise`, for ViT every
 attention implementation in `--attention` is timed ("auto" resolves per backend). When
 `torch` imports (the optional `bench` extra: `.venv/bin/pip install torch==2.13.0`, a CPU
-wheel) the same networks and step run in PyTorch in the same process (channels-last for
-ConvMixer, as its CPU kernels want) and the JAX / PyTorch time ratio is printed, and for
+wheel) the same networks and step run in PyTorch in the same process, on the CPU or (when JAX runs
+on an NVIDIA GPU) CUDA, eager, with `torch.autocast` for bfloat16 and channels-last for
+ConvMixer, as its kernels want, and the JAX / PyTorch time ratio is printed, and for
 each step its minor page faults and system CPU time (with default malloc, XLA:CPU maps a
 step's whole working set afresh every step; on some VMs faulting it in costs seconds, so
 compare with `--keep-freed-memory` too). Model FLOPs per step are 3x the forward pass's
-(XLA cost analysis; ConvMixer counted with the plain grouped conv); on a GPU/TPU with a known
+(`etcjax.models.flops`; ConvMixer counted with the plain grouped conv); on a GPU/TPU with a known
 peak (or `--peak-tflops`) model FLOPs utilisation (MFU) is printed too. JAX and PyTorch
 steps are timed in alternation, so a busy spell slows both; still, timings on a shared
 machine are noisy: rerun on a quiet one.
@@ -45,6 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from etcjax import models, xla_cpu  # noqa: E402
 from etcjax.models import convmixer, vit  # noqa: E402
+from etcjax.models import flops as model_flops  # noqa: E402
 
 # Dense bf16 peak TFLOP/s per chip for MFU (vendor figures; fp32 runs are compared to it too).
 PEAK_TFLOPS = {
@@ -91,21 +94,6 @@ def time_interleaved(runners: dict[str, Callable[[], object]], steps: int,
   if usage is not None:
     usage.update({name: (faults[name] / steps, system[name] / steps) for name in runners})
   return {name: (min(t), statistics.median(t)) for name, t in times.items()}
-
-
-def model_flops_per_image(model, size: int) -> float | None:
-  """Training FLOPs per image: 3x the forward pass's (XLA cost analysis, batch 1).
-
-  The usual "model FLOPs" of MFU: backward = 2x forward, recomputation (remat) not counted.
-  """
-  x = jnp.zeros((1, size, size, 3))
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-  try:
-    analysis = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
-        variables, x).cost_analysis()
-    return 3.0 * float(analysis["flops"])
-  except Exception:  # noqa: BLE001 - cost analysis is best effort (not every backend has it)
-    return None
 
 
 def jax_step_runner(model, batch: int, size: int, num_classes: int,
@@ -203,11 +191,17 @@ def torch_models(torch):
 
 
 def torch_step_runner(torch, model, batch: int, size: int, num_classes: int,
-                      channels_last: bool) -> Callable[[], None]:
-  """Returns a runner doing one PyTorch training step."""
+                      channels_last: bool, device: str = "cpu", bf16: bool = False
+                      ) -> Callable[[], None]:
+  """Returns a runner doing one PyTorch training step on `device` ("cpu" or "cuda").
+
+  `bf16` computes under `torch.autocast` in bfloat16 with float32 parameters, as the JAX
+  models' `dtype="bfloat16"` does. A CUDA step is synchronised before the runner returns.
+  """
   torch.manual_seed(0)
-  x = torch.rand(batch, 3, size, size) * 2 - 1
-  y = torch.randint(0, num_classes, (batch,))
+  x = (torch.rand(batch, 3, size, size) * 2 - 1).to(device)
+  y = torch.randint(0, num_classes, (batch,)).to(device)
+  model = model.to(device)
   if channels_last:
     model = model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -217,9 +211,12 @@ def torch_step_runner(torch, model, batch: int, size: int, num_classes: int,
 
   def run():
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x), y)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+      loss = loss_fn(model(x), y)
     loss.backward()
     opt.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
 
   return run
 
@@ -238,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="comma-separated subset of convmixer,vit")
   parser.add_argument("--convmixer-batch", type=int, default=64)
   parser.add_argument("--vit-batch", type=int, default=8)
+  parser.add_argument("--vit-model", default="ViT-S_16",
+                      help=f"ViT variant, from {', '.join(vit.CONFIG_NAMES)}")
   parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
   parser.add_argument("--depthwise", default="auto,conv",
                       help=f"ConvMixer depthwise formulations, from {convmixer.DEPTHWISE_IMPLS}")
@@ -273,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
       print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     except ImportError:
       print("torch not installed: JAX timings only (pip install the 'bench' extra)")
+  # PyTorch runs on the device JAX runs on: the CPU, or CUDA on an NVIDIA GPU.
+  torch_device = {"cpu": "cpu", "gpu": "cuda"}.get(device.platform)
+  if torch is not None and torch_device == "cuda" and not torch.cuda.is_available():
+    torch_device = None
+  if torch is not None and torch_device is None:
+    print(f"no PyTorch device matches JAX's {device.platform}: JAX timings only")
 
   wanted = [m.strip() for m in args.models.split(",") if m.strip()]
   runs = []
@@ -285,9 +290,11 @@ def main(argv: list[str] | None = None) -> int:
                      models.create("ConvMixer-256_8", 10, depthwise_impl=impl, layout=layout,
                                    dtype=args.dtype), args.convmixer_batch, 32))
   if "vit" in wanted:
+    arch = vit.get_config(args.vit_model)  # ValueError naming the valid variants
+    vit_label = args.vit_model.replace("_", "/")
     for impl in [s.strip() for s in args.attention.split(",") if s.strip()]:
-      runs.append((f"ViT-S/16 [{vit.resolve_attention_impl(impl)}]", "vit",
-                   models.create("ViT-S_16", 10, dtype=args.dtype, remat=args.vit_remat,
+      runs.append((f"{vit_label} [{vit.resolve_attention_impl(impl)}]", "vit",
+                   models.create(args.vit_model, 10, dtype=args.dtype, remat=args.vit_remat,
                                  scan=args.vit_scan, attention_impl=impl), args.vit_batch, 224))
 
   runners: dict[str, Callable[[], None]] = {}
@@ -296,16 +303,20 @@ def main(argv: list[str] | None = None) -> int:
     runners[label] = jax_step_runner(model, batch, size, 10, options)
     # Count ConvMixer with the standard grouped conv: every formulation does the same math.
     counted = model.clone(depthwise_impl="conv", layout="NHWC") if kind == "convmixer" else model
-    per_image = model_flops_per_image(counted, size)
-    flops[label] = per_image * batch if per_image else None
+    shapes = jax.eval_shape(lambda m=counted, s=size: m.init(
+        jax.random.key(0), jnp.zeros((1, s, s, 3)), train=False))
+    flops[label] = batch * model_flops.training_flops_per_image(counted, shapes, size)
     torch_label = f"PyTorch {kind}"
-    if torch is not None and device.platform == "cpu" and torch_label not in runners:
+    if torch is not None and torch_device and torch_label not in runners:
       conv_mixer, vit_cls = torch_models(torch)
       if kind == "convmixer":
         tmodel, channels_last = conv_mixer(256, 8, 9, 1, 10), True
       else:
-        tmodel, channels_last = vit_cls(16, 384, 12, 6, 1536, 10, size), False
-      runners[torch_label] = torch_step_runner(torch, tmodel, batch, size, 10, channels_last)
+        tmodel = vit_cls(arch.patch_size, arch.hidden_size, arch.num_layers, arch.num_heads,
+                         arch.mlp_dim, 10, size)
+        channels_last = False
+      runners[torch_label] = torch_step_runner(torch, tmodel, batch, size, 10, channels_last,
+                                               torch_device, args.dtype == "bfloat16")
   usage: dict[str, tuple[float, float]] = {}
   times = time_interleaved(runners, args.steps, usage)
 
