@@ -16,14 +16,14 @@ ConvMixer) on random data, timed after compilation / warm-up as the best and med
 `--steps` runs. For ConvMixer every depthwise formulation in `--depthwise`, for ViT every
 attention implementation in `--attention` is timed ("auto" resolves per backend). When
 `torch` imports (the optional `bench` extra: `.venv/bin/pip install torch==2.13.0`, a CPU
-wheel) the same networks and step run in PyTorch in the same process, on the CPU or (when JAX runs
-on an NVIDIA GPU) CUDA, eager, with `torch.autocast` for bfloat16 and channels-last for
-ConvMixer, as its kernels want, and the JAX / PyTorch time ratio is printed, and for
+wheel) the same networks and step run in PyTorch in the same process, on the CPU or, when
+JAX runs on an NVIDIA GPU, on CUDA (eager, `torch.autocast` for bfloat16, channels-last
+for ConvMixer as its kernels want), and the JAX / PyTorch time ratio is printed, and for
 each step its minor page faults and system CPU time (with default malloc, XLA:CPU maps a
 step's whole working set afresh every step; on some VMs faulting it in costs seconds, so
 compare with `--keep-freed-memory` too). Model FLOPs per step are 3x the forward pass's
-(`etcjax.models.flops`; ConvMixer counted with the plain grouped conv); on a GPU/TPU with a known
-peak (or `--peak-tflops`) model FLOPs utilisation (MFU) is printed too. JAX and PyTorch
+(`etcjax.models.flops`; ConvMixer counted with the plain grouped conv); on a GPU/TPU with
+a known peak (or `--peak-tflops`) model FLOPs utilisation (MFU) is printed too. JAX and PyTorch
 steps are timed in alternation, so a busy spell slows both; still, timings on a shared
 machine are noisy: rerun on a quiet one.
 """
@@ -48,21 +48,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from etcjax import models, xla_cpu  # noqa: E402
 from etcjax.models import convmixer, vit  # noqa: E402
 from etcjax.models import flops as model_flops  # noqa: E402
-
-# Dense bf16 peak TFLOP/s per chip for MFU (vendor figures; fp32 runs are compared to it too).
-PEAK_TFLOPS = {
-    "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "V100": 125.0,
-    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
-    "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
-}
-
-
-def peak_tflops(device: jax.Device) -> float | None:
-  kind = device.device_kind
-  for name, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-    if name.lower() in kind.lower():
-      return tflops
-  return None
 
 
 def time_interleaved(runners: dict[str, Callable[[], object]], steps: int,
@@ -260,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
   options = {} if args.default_compiler_options else xla_cpu.compiler_options()
 
   device = jax.devices()[0]
-  peak = args.peak_tflops or (peak_tflops(device) if device.platform != "cpu" else None)
+  peak = args.peak_tflops or (model_flops.peak_tflops(device) if device.platform != "cpu" else None)
   print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
         f"{jax.device_count()} device(s), {os.cpu_count()} CPU(s), dtype {args.dtype}, "
         f"malloc {'keeps freed memory' if kept else 'as is'}, XLA options {options}")

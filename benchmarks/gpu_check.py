@@ -44,14 +44,6 @@ from etcjax import etc, fileio, train  # noqa: E402
 from etcjax.keys import EtcKey  # noqa: E402
 from etcjax.models import convmixer, flops  # noqa: E402
 
-# Dense bf16 peak TFLOP/s per chip (vendor figures), for MFU; float32 steps use it too.
-PEAK_TFLOPS = {
-    "H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-    "A10G": 125.0, "V100": 125.0, "T4": 65.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
-    "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6 lite": 918.0,
-    "TPU v6e": 918.0,
-}
-
 # (name, model, model overrides, image size, block size, optimizer, full batch, smoke batch)
 STEP_CASES = (
     ("ViT-B/16 224", "ViT-B_16", {}, 224, 16, "sgd", 128, 4),
@@ -61,15 +53,6 @@ STEP_CASES = (
 # Tiny stand-ins with the same structure, for --smoke on a CPU.
 SMOKE_MODELS = {"ViT-B_16": ("ViT-tiny-test", 32, 4), "ConvMixer-256_8":
                 ("ConvMixer-tiny-test", 32, 4), "ConvMixer-384_8": ("ConvMixer-tiny-test", 32, 8)}
-
-
-def peak_tflops(device: jax.Device) -> float | None:
-  """The device's dense bf16 peak from PEAK_TFLOPS (longest matching name), or None."""
-  kind = device.device_kind.lower()
-  for name, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
-    if name.lower() in kind:
-      return tflops
-  return None
 
 
 def time_it(fn: Callable[[], Any], steps: int, warmup: int) -> tuple[float, float]:
@@ -131,7 +114,7 @@ def step_case(name: str, model: str, overrides: dict, size: int, block: int, opt
             "optimizer": optimizer, "step_ms_best": 1e3 * best, "step_ms_median": 1e3 * median,
             "images_per_sec": batch / median, "model_flops_per_step": step_flops,
             "model_tflops_per_sec": step_flops / median / 1e12}
-  peak = args.peak_tflops or peak_tflops(jax.devices()[0])
+  peak = args.peak_tflops or flops.peak_tflops(jax.devices()[0])
   if peak:
     result["mfu"] = step_flops / median / (peak * 1e12 * jax.device_count())
   return result
@@ -223,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
   doc = {"device_kind": device.device_kind, "backend": backend,
          "device_count": jax.device_count(), "jax_version": jax.__version__,
          "python": platform.python_version(), "smoke": args.smoke, "dtype": args.dtype,
-         "steps": args.steps, "peak_tflops": args.peak_tflops or peak_tflops(device),
+         "steps": args.steps, "peak_tflops": args.peak_tflops or flops.peak_tflops(device),
          "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
          "time_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
          "results": results}

@@ -578,7 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step, eval_step = make_train_step(setup, tx), make_eval_step(setup)
   # TensorBoard event files (process 0) and "[step] name=value" log lines. Imported here:
   # clu's writers load TensorFlow, which building and timing a step does not need.
-  from clu import metric_writers  # noqa: PLC0415
+  from clu import metric_writers
   writer = metric_writers.create_default_writer(workdir,
                                                 just_logging=jax.process_index() > 0)
   total = config.num_train_steps

@@ -72,3 +72,14 @@ def test_convmixer_256_8_matches_the_closed_form():
   macs = hw * 3 * dim + 8 * hw * (81 * dim + dim * dim) + dim * 10
   model = models.create("ConvMixer-256_8", 10, depthwise_impl="conv", layout="NHWC")
   assert flops.training_flops_per_image(model, _shapes(model, 32), 32) == 3 * 2 * macs
+
+
+def test_peak_tflops_matches_the_longest_name_in_the_device_kind():
+  class Device:
+    def __init__(self, kind):
+      self.device_kind = kind
+
+  assert flops.peak_tflops(Device("NVIDIA H100 80GB HBM3")) == 989.0
+  assert flops.peak_tflops(Device("TPU v5 lite")) == 197.0  # not "TPU v5" (459)
+  assert flops.peak_tflops(Device("NVIDIA L40S")) == 362.0  # not "L4"
+  assert flops.peak_tflops(Device("cpu")) is None

@@ -1,7 +1,7 @@
-"""Model FLOPs, counted from a function's jaxpr: the numerator of model FLOPs utilisation.
+"""Model FLOPs utilisation (MFU): model FLOPs counted from a jaxpr, and device peaks.
 
   per_image = flops.training_flops_per_image(model, variables, image_size=224)
-  mfu = per_image * batch / step_seconds / (peak_tflops * 1e12)
+  mfu = per_image * batch / step_seconds / (flops.peak_tflops(jax.devices()[0]) * 1e12)
 
 Only matrix products (`dot_general`) and convolutions (`conv_general_dilated`) are counted,
 at 2 FLOPs per multiply-add: the convention of MFU (PaLM, big_vision, timm's profilers count
@@ -21,6 +21,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
+
+# Dense bfloat16 peak TFLOP/s per chip (vendor figures); float32 steps are compared to it too.
+PEAK_TFLOPS = {
+    "H100": 989.0, "H200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+    "A10G": 125.0, "V100": 125.0, "T4": 65.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+}
+
+
+def peak_tflops(device: jax.Device) -> float | None:
+  """`device`'s dense bf16 peak from `PEAK_TFLOPS` (longest name in its kind), or None."""
+  kind = device.device_kind.lower()
+  for name, tflops in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind:
+      return tflops
+  return None
 
 
 def _dot_flops(eqn: Any) -> float:
