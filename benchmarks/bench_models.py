@@ -6,31 +6,33 @@
       --convmixer-batch 256                                         # an NVIDIA GPU
 
 JAX steps are jitted as etcjax training jits them, with `etcjax.xla_cpu.compiler_options()`
-(`--default-compiler-options` leaves them out). `--keep-freed-memory` (or
-ETCJAX_KEEP_FREED_MEMORY=1) sets glibc malloc to keep freed memory, as training does when
-asked to (faster, more host memory: see `etcjax.xla_cpu`); it is per process, so the PyTorch
-steps here get it too.
+(`--default-compiler-options` leaves them out), and both frameworks' processes get the
+malloc settings training uses: on a CPU-only install glibc keeps freed memory (see
+`etcjax.xla_cpu`; `--default-malloc` or ETCJAX_KEEP_FREED_MEMORY=0 leaves malloc as is,
+`--keep-freed-memory` forces it).
 
 A step is forward + cross-entropy + backward + AdamW update (+ BatchNorm statistics for
 ConvMixer) on random data, timed after compilation / warm-up as the best and median of
 `--steps` runs. For ConvMixer every depthwise formulation in `--depthwise`, for ViT every
 attention implementation in `--attention` is timed ("auto" resolves per backend). When
 `torch` imports (the optional `bench` extra: `.venv/bin/pip install torch==2.13.0`, a CPU
-wheel) the same networks and step run in PyTorch in the same process, on the CPU or, when
-JAX runs on an NVIDIA GPU, on CUDA (eager, `torch.autocast` for bfloat16, channels-last
-for ConvMixer as its kernels want), and the JAX / PyTorch time ratio is printed, and for
-each step its minor page faults and system CPU time (with default malloc, XLA:CPU maps a
-step's whole working set afresh every step; on some VMs faulting it in costs seconds, so
-compare with `--keep-freed-memory` too). Model FLOPs per step are 3x the forward pass's
-(`etcjax.models.flops`; ConvMixer counted with the plain grouped conv); on a GPU/TPU with
-a known peak (or `--peak-tflops`) model FLOPs utilisation (MFU) is printed too. JAX and PyTorch
-steps are timed in alternation, so a busy spell slows both; still, timings on a shared
-machine are noisy: rerun on a quiet one.
+wheel) the same networks and step run in PyTorch, in a process of its own (its own heap;
+see `TorchWorker`), on the CPU or, when JAX runs on an NVIDIA GPU, on CUDA (eager,
+`torch.autocast` for bfloat16, channels-last for ConvMixer as its kernels want), and the
+JAX / PyTorch time ratio is printed, and for each step its minor page faults and system
+CPU time (with default malloc, XLA:CPU maps a step's whole working set afresh every step;
+on some VMs faulting it in costs seconds: compare with `--default-malloc`).
+Model FLOPs per step are 3x the forward pass's (`etcjax.models.flops`; ConvMixer counted
+with the plain grouped conv); on a GPU/TPU with a known peak (or `--peak-tflops`) model
+FLOPs utilisation (MFU) is printed too. JAX and PyTorch steps are timed in alternation
+(one step at a time in either process), so a busy spell slows both; still, timings on a
+shared machine are noisy: rerun on a quiet one.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import resource
 import statistics
@@ -49,15 +51,35 @@ from etcjax import models, xla_cpu  # noqa: E402
 from etcjax.models import convmixer, vit  # noqa: E402
 from etcjax.models import flops as model_flops  # noqa: E402
 
+# One step's wall time (seconds), minor page faults and system CPU time (seconds).
+Measurement = tuple[float, float, float]
 
-def time_interleaved(runners: dict[str, Callable[[], object]], steps: int,
+
+def measured(step: Callable[[], object]) -> Callable[[], Measurement]:
+  """Wraps `step` (which must block until done) to return its `Measurement`.
+
+  Page faults and system time come from `getrusage` of the calling process: the cost of
+  touching freshly mapped memory, which the wall time includes.
+  """
+  def run() -> Measurement:
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return seconds, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime
+
+  return run
+
+
+def time_interleaved(runners: dict[str, Callable[[], Measurement]], steps: int,
                      usage: dict[str, tuple[float, float]] | None = None
                      ) -> dict[str, tuple[float, float]]:
   """Runs every runner once (warm-up), then `steps` rounds of each in turn.
 
   Interleaving spreads a busy machine's slow spells over all contenders instead of one.
   If `usage` is given it receives `{name: (minor page faults, system CPU seconds)}` per
-  step: the cost of touching freshly mapped memory, which the step times include.
+  step.
 
   Returns:
     `{name: (best seconds, median seconds)}`.
@@ -69,13 +91,10 @@ def time_interleaved(runners: dict[str, Callable[[], object]], steps: int,
   system = {name: 0.0 for name in runners}
   for _ in range(steps):
     for name, fn in runners.items():
-      before = resource.getrusage(resource.RUSAGE_SELF)
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-      after = resource.getrusage(resource.RUSAGE_SELF)
-      faults[name] += after.ru_minflt - before.ru_minflt
-      system[name] += after.ru_stime - before.ru_stime
+      seconds, step_faults, step_system = fn()
+      times[name].append(seconds)
+      faults[name] += step_faults
+      system[name] += step_system
   if usage is not None:
     usage.update({name: (faults[name] / steps, system[name] / steps) for name in runners})
   return {name: (min(t), statistics.median(t)) for name, t in times.items()}
@@ -113,7 +132,7 @@ def jax_step_runner(model, batch: int, size: int, num_classes: int,
     state[0], state[1], state[2], loss = compiled(*state, x, y, key)
     jax.block_until_ready(loss)
 
-  return run
+  return measured(run)
 
 
 # ------------------------------------------------------------------------------- PyTorch
@@ -206,6 +225,80 @@ def torch_step_runner(torch, model, batch: int, size: int, num_classes: int,
   return run
 
 
+# A PyTorch step spec: (label, "convmixer" or "vit", batch, image size, ViT architecture as
+# (patch, hidden, layers, heads, mlp) or None).
+TorchSpec = tuple[str, str, int, int, tuple[int, int, int, int, int] | None]
+
+
+def _torch_worker(conn, specs: list[TorchSpec], platform: str, bf16: bool,
+                  keep_freed: bool) -> None:
+  """The PyTorch process: builds the steps, then runs the one each message names."""
+  xla_cpu.keep_freed_memory(force=keep_freed)  # The same malloc settings as the JAX side.
+  try:
+    import torch
+  except ImportError:
+    conn.send(("missing", "torch not installed: JAX timings only (pip install the 'bench' "
+                          "extra)"))
+    return
+  device = {"cpu": "cpu", "gpu": "cuda"}.get(platform)  # PyTorch runs where JAX runs.
+  if device is None or (device == "cuda" and not torch.cuda.is_available()):
+    conn.send(("missing", f"no PyTorch device matches JAX's {platform}: JAX timings only"))
+    return
+  torch.set_num_threads(os.cpu_count() or 1)
+  conv_mixer, vit_cls = torch_models(torch)
+  runners = {}
+  for label, kind, batch, size, arch in specs:
+    if kind == "convmixer":
+      model, channels_last = conv_mixer(256, 8, 9, 1, 10), True
+    else:
+      model, channels_last = vit_cls(*arch, 10, size), False
+    runners[label] = measured(torch_step_runner(torch, model, batch, size, 10, channels_last,
+                                                device, bf16))
+  conn.send(("ready", f"torch {torch.__version__} on {device}, {torch.get_num_threads()} "
+                      "threads, in a process of its own"))
+  for label in iter(conn.recv, None):
+    conn.send(runners[label]())
+
+
+class TorchWorker:
+  """PyTorch's steps in a process of their own, run one at a time when asked.
+
+  A process of its own gives PyTorch its own heap. In one process the two frameworks'
+  allocations interleave in glibc's heap, and XLA's per-step working set was faulted in
+  afresh even with glibc keeping freed memory (ViT-S/16: 26k faults, +0.17 s per step).
+  """
+
+  def __init__(self, specs: list[TorchSpec], platform: str, bf16: bool, keep_freed: bool):
+    context = multiprocessing.get_context("spawn")  # no fork of a running JAX
+    self._conn, child = context.Pipe()
+    self._process = context.Process(target=_torch_worker,
+                                    args=(child, specs, platform, bf16, keep_freed),
+                                    daemon=True)
+    self._process.start()
+    child.close()  # so that a worker that dies reads as EOF here
+    try:
+      status, self.message = self._conn.recv()
+    except EOFError:
+      status, self.message = "failed", "the PyTorch process exited: JAX timings only"
+    self.ready = status == "ready"
+    if not self.ready:
+      self.close()
+
+  def runner(self, label: str) -> Callable[[], Measurement]:
+    def run() -> Measurement:
+      self._conn.send(label)
+      return self._conn.recv()
+    return run
+
+  def close(self) -> None:
+    if self._process.is_alive():
+      try:
+        self._conn.send(None)
+      except (BrokenPipeError, OSError):
+        pass
+    self._process.join(timeout=30)
+
+
 # ----------------------------------------------------------------------------------- main
 
 
@@ -237,11 +330,17 @@ def main(argv: list[str] | None = None) -> int:
                       help="accelerator peak TFLOP/s for MFU (default: from the device kind)")
   parser.add_argument("--default-compiler-options", action="store_true",
                       help="jit without etcjax.xla_cpu.compiler_options() (as training uses)")
-  parser.add_argument("--keep-freed-memory", action="store_true",
-                      help="glibc malloc keeps freed memory (etcjax.xla_cpu, opt-in for "
-                      "training too); it applies to PyTorch in this process as well")
+  malloc = parser.add_mutually_exclusive_group()
+  malloc.add_argument("--keep-freed-memory", action="store_true",
+                      help="glibc malloc keeps freed memory (etcjax.xla_cpu) even where an "
+                      "accelerator is installed; the PyTorch process gets it as well")
+  malloc.add_argument("--default-malloc", action="store_true",
+                      help="glibc malloc as is, also on CPU (where training keeps freed "
+                      "memory by default), in both processes")
   args = parser.parse_args(argv)
-  kept = xla_cpu.keep_freed_memory(force=args.keep_freed_memory or None)
+  # As training does unless told: on CPU (ETCJAX_KEEP_FREED_MEMORY unset) keep freed memory.
+  force = True if args.keep_freed_memory else False if args.default_malloc else None
+  kept = xla_cpu.keep_freed_memory(force=force)
   options = {} if args.default_compiler_options else xla_cpu.compiler_options()
 
   device = jax.devices()[0]
@@ -249,21 +348,6 @@ def main(argv: list[str] | None = None) -> int:
   print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
         f"{jax.device_count()} device(s), {os.cpu_count()} CPU(s), dtype {args.dtype}, "
         f"malloc {'keeps freed memory' if kept else 'as is'}, XLA options {options}")
-  torch = None
-  if not args.no_torch:
-    try:
-      import torch  # type: ignore[no-redef]
-      torch.set_num_threads(os.cpu_count() or 1)
-      print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    except ImportError:
-      print("torch not installed: JAX timings only (pip install the 'bench' extra)")
-  # PyTorch runs on the device JAX runs on: the CPU, or CUDA on an NVIDIA GPU.
-  torch_device = {"cpu": "cpu", "gpu": "cuda"}.get(device.platform)
-  if torch is not None and torch_device == "cuda" and not torch.cuda.is_available():
-    torch_device = None
-  if torch is not None and torch_device is None:
-    print(f"no PyTorch device matches JAX's {device.platform}: JAX timings only")
-
   wanted = [m.strip() for m in args.models.split(",") if m.strip()]
   runs = []
   if "convmixer" in wanted:
@@ -282,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                    models.create(args.vit_model, 10, dtype=args.dtype, remat=args.vit_remat,
                                  scan=args.vit_scan, attention_impl=impl), args.vit_batch, 224))
 
-  runners: dict[str, Callable[[], None]] = {}
+  runners: dict[str, Callable[[], Measurement]] = {}
   flops: dict[str, float | None] = {}
+  torch_specs: dict[str, TorchSpec] = {}
   for label, kind, model, batch, size in runs:
     runners[label] = jax_step_runner(model, batch, size, 10, options)
     # Count ConvMixer with the standard grouped conv: every formulation does the same math.
@@ -291,19 +376,23 @@ def main(argv: list[str] | None = None) -> int:
     shapes = jax.eval_shape(lambda m=counted, s=size: m.init(
         jax.random.key(0), jnp.zeros((1, s, s, 3)), train=False))
     flops[label] = batch * model_flops.training_flops_per_image(counted, shapes, size)
-    torch_label = f"PyTorch {kind}"
-    if torch is not None and torch_device and torch_label not in runners:
-      conv_mixer, vit_cls = torch_models(torch)
-      if kind == "convmixer":
-        tmodel, channels_last = conv_mixer(256, 8, 9, 1, 10), True
-      else:
-        tmodel = vit_cls(arch.patch_size, arch.hidden_size, arch.num_layers, arch.num_heads,
-                         arch.mlp_dim, 10, size)
-        channels_last = False
-      runners[torch_label] = torch_step_runner(torch, tmodel, batch, size, 10, channels_last,
-                                               torch_device, args.dtype == "bfloat16")
+    torch_arch = None if kind == "convmixer" else (
+        arch.patch_size, arch.hidden_size, arch.num_layers, arch.num_heads, arch.mlp_dim)
+    torch_specs.setdefault(f"PyTorch {kind}",
+                           (f"PyTorch {kind}", kind, batch, size, torch_arch))
+  worker = None
+  if not args.no_torch:
+    worker = TorchWorker(list(torch_specs.values()), device.platform,
+                         args.dtype == "bfloat16", kept)
+    print(worker.message, flush=True)
+    if worker.ready:
+      runners.update({label: worker.runner(label) for label in torch_specs})
   usage: dict[str, tuple[float, float]] = {}
-  times = time_interleaved(runners, args.steps, usage)
+  try:
+    times = time_interleaved(runners, args.steps, usage)
+  finally:
+    if worker is not None:
+      worker.close()
 
   for label, kind, _, batch, size in runs:
     best, median = times[label]

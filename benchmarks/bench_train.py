@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_models import time_interleaved  # noqa: E402
+from bench_models import measured, time_interleaved  # noqa: E402
 
 from etcjax import config as config_lib  # noqa: E402
 from etcjax import fileio, train, xla_cpu  # noqa: E402
@@ -93,7 +93,7 @@ def bench_steps(args: argparse.Namespace, key_file: str) -> list[dict[str, Any]]
         jax.block_until_ready(metrics)
 
       run()  # Compile.
-      runners[encryption] = run
+      runners[encryption] = measured(run)
       per_mode[encryption] = setup
     timings = time_interleaved(runners, args.steps)
     plain, etc = timings["none"][1], timings["etc"][1]
@@ -103,7 +103,7 @@ def bench_steps(args: argparse.Namespace, key_file: str) -> list[dict[str, Any]]
                                                        np.uint8)}, setup.mesh)["image"]
     encrypt = train.encrypt_batch(setup)
     enc = lambda f=encrypt, x=images, c=setup.cipher: jax.block_until_ready(f(x, c))
-    enc_time = time_interleaved({"enc": enc}, max(args.steps, 5))["enc"][1]
+    enc_time = time_interleaved({"enc": measured(enc)}, max(args.steps, 5))["enc"][1]
     r = {"case": case, "model": model, "image_size": size, "block_size": block,
          "batch_size": batch, "plain_images_per_sec": batch / plain,
          "etc_images_per_sec": batch / etc, "etc_step_overhead": etc / plain - 1,
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                       "script works)")
   parser.add_argument("--only", choices=("steps", "pipeline"), default=None)
   args = parser.parse_args(argv)
-  kept = xla_cpu.keep_freed_memory()  # As training does: if ETCJAX_KEEP_FREED_MEMORY=1.
+  kept = xla_cpu.keep_freed_memory()  # As training does (on CPU unless the env var is 0).
   device = jax.devices()[0]
   print(f"{jax.device_count()} x {device.device_kind} ({jax.default_backend()}), "
         f"{os.cpu_count()} CPUs, JAX {jax.__version__}, malloc "
