@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                  help="resize-and-crop every photo to H x W (default: native size)")
   args = p.parse_args(argv)
   if not args.owner_only:
-    xla_cpu.keep_freed_memory()  # If ETCJAX_KEEP_FREED_MEMORY=1 (see etcjax.xla_cpu).
+    xla_cpu.keep_freed_memory()  # On CPU unless ETCJAX_KEEP_FREED_MEMORY=0 (etcjax.xla_cpu).
     r = run_training_demo(args.out, tiny=args.tiny)
     for label, acc in r["runs"].items():
       print(f"{label}: {100 * acc:.2f} % test accuracy")

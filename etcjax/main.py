@@ -169,8 +169,8 @@ def run_from_flags(flag_values: flags.FlagValues) -> dict[str, Any]:
   from etcjax import xla_cpu
   # Before JAX starts its CPU client: its threads must not own arenas yet.
   if xla_cpu.keep_freed_memory():
-    logging.info("%s=1: glibc malloc keeps freed memory and CPU dispatch is synchronous "
-                 "(faster XLA:CPU steps; see etcjax.xla_cpu)", xla_cpu.ENV_VAR)
+    logging.info("glibc malloc keeps freed memory and CPU dispatch is synchronous (faster "
+                 "XLA:CPU steps; %s=0 turns it off; see etcjax.xla_cpu)", xla_cpu.ENV_VAR)
   fv = flag_values
   initialize_distributed(fv.coordinator_address, fv.num_processes, fv.process_id)
   return run(fv.config, fv.workdir, fv.mode)

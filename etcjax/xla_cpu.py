@@ -3,23 +3,31 @@
 Both were found by profiling a ConvMixer-256/8 training step (batch 64, 2-core AMD EPYC);
 `benchmarks/bench_models.py` measures them against PyTorch.
 
-Host allocator (opt-in). XLA:CPU allocates a step's intermediate buffers in one block
-(6.7 GB for a ConvMixer-256/8 step at batch 64) with `malloc` at every execution and frees
-it at the end. glibc serves allocations over 32 MiB with fresh `mmap` pages and unmaps
-them on `free`, so every step page-faults and zero-fills its whole working set again: ~30 %
-of that step. `keep_freed_memory()` makes glibc keep and reuse freed memory instead: no
-`mmap` per allocation (`M_MMAP_MAX` 0), no trimming (`M_TRIM_THRESHOLD` -1) and one arena
-(`M_ARENA_MAX` 1, so that threads share the reused heap), and it runs CPU computations
-synchronously (`jax_cpu_enable_async_dispatch` off): with asynchronous dispatch the next
-step's block is allocated while the previous one is still being freed, and the reused heap
-grew to 2-3 working sets (6.8 GiB resident became 19.2 GiB). With both, the ConvMixer step
-ran in 4.4-4.6 s instead of 6.9 s at the default's 6.8 GiB resident (ViT-S/16 batch 8:
-1.5 s instead of 1.7 s, 1.9 GiB). The process keeps its peak memory until it exits, a
-single arena may slow a many-threaded host input pipeline, and this was measured on one
-machine, so it is opt-in: set `ETCJAX_KEEP_FREED_MEMORY=1`. The training entry points, the
-demo and the benchmarks then call it before JAX starts (it must: threads that already own
-an arena keep it, and the dispatch mode is fixed when JAX creates its CPU client). glibc
-only (Linux); elsewhere it does nothing.
+Host allocator (on by default where JAX will run on the CPU). XLA:CPU allocates a step's
+intermediate buffers in one block (4.3 GiB for a ConvMixer-256/8 step at batch 64) with
+`malloc` at every execution and frees it at the end. glibc serves allocations over 32 MiB
+with fresh `mmap` pages and unmaps them on `free`, so every step page-faults and
+zero-fills its whole working set again (1.5M faults, 5 s of system CPU per ConvMixer step
+on the development VM). `keep_freed_memory()` makes glibc keep and reuse freed memory
+instead: no `mmap` per allocation (`M_MMAP_MAX` 0), no trimming (`M_TRIM_THRESHOLD` -1)
+and one arena (`M_ARENA_MAX` 1, so that threads share the reused heap), and it runs CPU
+computations synchronously (`jax_cpu_enable_async_dispatch` off): with asynchronous
+dispatch the next step's block is allocated while the previous one is still being freed,
+and the reused heap grew to 2-3 working sets (6.8 GiB resident became 19.2 GiB). With
+both, the ConvMixer-256/8 step took 2.9 s instead of 5.5 s and ViT-S/16 (batch 8) 1.40 s
+instead of 1.78 s, at the default's resident memory; the host input pipeline stayed
+thousands of times faster than the model step (in-memory 32x32 batches 80-100k img/s
+instead of 110k, 224x224 36k instead of 14-17k, JPEG decoding 2.9-3.9k instead of
+2.7-3.3k).
+
+The price: the process keeps its peak host memory until it exits, and every thread
+allocates from one arena. So it applies by default only where JAX will compute on the CPU
+(`JAX_PLATFORMS` names cpu first, or no accelerator plugin or libtpu is installed) and
+never where a GPU/TPU host's input pipeline could contend for the arena;
+`ETCJAX_KEEP_FREED_MEMORY=1` forces it, `=0` turns it off. The training entry points, the
+demo and the benchmarks call it before JAX starts (it must: threads that already own an
+arena keep it, and the dispatch mode is fixed when JAX creates its CPU client). glibc only
+(Linux); elsewhere it does nothing.
 
 Compiler options. XLA:CPU vectorises loops for 256-bit registers by default; on AVX-512
 machines 512-bit vectors made the ConvMixer step's elementwise, shifted-sum and reduction
@@ -31,9 +39,11 @@ safe everywhere, and they are empty off CPU.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import platform
 import warnings
+from importlib import metadata
 
 # mallopt(3) parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -66,32 +76,55 @@ def _jax_started() -> bool:
     return False
 
 
+def accelerator_expected() -> bool:
+  """Whether JAX will likely compute on a GPU/TPU here, judged without starting it.
+
+  True when `JAX_PLATFORMS` names anything but cpu first, or (unset) when an accelerator
+  PJRT plugin (the `jax_plugins` entry points of jax[cuda12], jax[rocm], ...) or libtpu
+  is installed.
+  """
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    return platforms.split(",")[0].strip() != "cpu"
+  try:
+    if metadata.entry_points(group="jax_plugins"):
+      return True
+  except Exception:  # noqa: BLE001 - broken package metadata: assume an accelerator
+    return True
+  return importlib.util.find_spec("libtpu") is not None
+
+
 def keep_freed_memory(force: bool | None = None) -> bool:
   """Makes glibc malloc keep and reuse freed memory, and CPU dispatch synchronous.
 
   See the module docstring. Call before the first JAX computation.
 
   Args:
-    force: True/False to apply or not; None applies it when the environment variable
-      `ETCJAX_KEEP_FREED_MEMORY` is "1".
+    force: True/False to apply or not; None follows `ETCJAX_KEEP_FREED_MEMORY` ("1" on,
+      "0" off) and, where it is unset or empty, applies it unless `accelerator_expected()`.
 
   Returns:
     Whether the settings were applied: never on a non-glibc C library, and not (with a
     warning) once JAX has started.
   """
   global _applied
+  asked = force is True
   if force is None:
-    force = os.environ.get(ENV_VAR, "").strip() == "1"
+    setting = os.environ.get(ENV_VAR, "").strip()
+    asked = setting == "1"
+    force = asked if setting else not accelerator_expected()
   if not force or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False
   if _applied:
     return True
   if _jax_started():
     # Too late: its threads own arenas and its dispatch is asynchronous, the combination
-    # that grew the heap to 3x. Better the default allocator than that.
-    warnings.warn(f"{ENV_VAR}=1 ignored: JAX was already running; call "
-                  "etcjax.xla_cpu.keep_freed_memory() before the first JAX computation",
-                  RuntimeWarning, stacklevel=2)
+    # that grew the heap to 3x. Better the default allocator than that. Said only when
+    # asked for explicitly: the default silently stays off in a process JAX runs in.
+    if asked:
+      warnings.warn("keeping freed memory (etcjax.xla_cpu) ignored: JAX was already running; "
+                    "call etcjax.xla_cpu.keep_freed_memory() before the first JAX "
+                    "computation", RuntimeWarning, stacklevel=2)
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt

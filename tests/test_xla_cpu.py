@@ -11,12 +11,31 @@ from etcjax import xla_cpu
 _GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
-def test_off_unless_asked_for(monkeypatch):
-  monkeypatch.delenv(xla_cpu.ENV_VAR, raising=False)
-  assert xla_cpu.keep_freed_memory() is False
+def test_off_when_told_or_where_an_accelerator_is_expected(monkeypatch):
   monkeypatch.setenv(xla_cpu.ENV_VAR, "0")
   assert xla_cpu.keep_freed_memory() is False
+  monkeypatch.delenv(xla_cpu.ENV_VAR)
+  monkeypatch.setattr(xla_cpu, "accelerator_expected", lambda: True)
+  assert xla_cpu.keep_freed_memory() is False
   assert xla_cpu.keep_freed_memory(force=False) is False
+
+
+def test_an_accelerator_is_expected_from_jax_platforms_or_installed_plugins(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert xla_cpu.accelerator_expected() is False
+  for platforms in ("cuda", "tpu,cpu", "gpu"):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert xla_cpu.accelerator_expected() is True
+  monkeypatch.delenv("JAX_PLATFORMS")
+  monkeypatch.setattr(xla_cpu.metadata, "entry_points",
+                      lambda group: ["xla_cuda12"] if group == "jax_plugins" else [])
+  assert xla_cpu.accelerator_expected() is True
+  monkeypatch.setattr(xla_cpu.metadata, "entry_points", lambda group: [])
+  monkeypatch.setattr(xla_cpu.importlib.util, "find_spec",
+                      lambda name: object() if name == "libtpu" else None)
+  assert xla_cpu.accelerator_expected() is True
+  monkeypatch.setattr(xla_cpu.importlib.util, "find_spec", lambda name: None)
+  assert xla_cpu.accelerator_expected() is False
 
 
 @pytest.mark.skipif(not _GLIBC, reason="mallopt settings exist only in glibc")
@@ -55,6 +74,11 @@ def test_applied_on_cpu_and_freed_big_buffers_are_reused():
   assert on == ["True", "True", "False", "1000.0", "True"]
   off = _run(code, **{xla_cpu.ENV_VAR: "0"}).split()
   assert off == ["False", "False", "True", "1000.0", "False"]
+  # Unset: on where JAX will run on the CPU, off where a GPU is expected (decided before
+  # JAX starts, so no GPU is needed to test it).
+  decide = "from etcjax import xla_cpu; print(xla_cpu.keep_freed_memory())"
+  assert _run(decide, **{xla_cpu.ENV_VAR: "", "JAX_PLATFORMS": "cpu"}).split() == ["True"]
+  assert _run(decide, **{xla_cpu.ENV_VAR: "", "JAX_PLATFORMS": "cuda"}).split() == ["False"]
 
 
 def test_compiler_options_widen_vectors_on_cpu_only():
