@@ -101,7 +101,7 @@ def time_interleaved(runners: dict[str, Callable[[], Measurement]], steps: int,
 
 
 def jax_step_runner(model, batch: int, size: int, num_classes: int,
-                    compiler_options: dict | None = None) -> Callable[[], None]:
+                    compiler_options: dict | None = None) -> Callable[[], Measurement]:
   """Compiles a training step (with XLA `compiler_options`); returns a runner doing one step."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32))
@@ -225,12 +225,12 @@ def torch_step_runner(torch, model, batch: int, size: int, num_classes: int,
   return run
 
 
-# A PyTorch step spec: (label, "convmixer" or "vit", batch, image size, ViT architecture as
-# (patch, hidden, layers, heads, mlp) or None).
-TorchSpec = tuple[str, str, int, int, tuple[int, int, int, int, int] | None]
+# A PyTorch step: ("convmixer" or "vit", batch, image size, ViT architecture as (patch,
+# hidden, layers, heads, mlp) or None), by label.
+TorchSpec = tuple[str, int, int, tuple[int, int, int, int, int] | None]
 
 
-def _torch_worker(conn, specs: list[TorchSpec], platform: str, bf16: bool,
+def _torch_worker(conn, specs: dict[str, TorchSpec], platform: str, bf16: bool,
                   keep_freed: bool) -> None:
   """The PyTorch process: builds the steps, then runs the one each message names."""
   xla_cpu.keep_freed_memory(force=keep_freed)  # The same malloc settings as the JAX side.
@@ -247,7 +247,7 @@ def _torch_worker(conn, specs: list[TorchSpec], platform: str, bf16: bool,
   torch.set_num_threads(os.cpu_count() or 1)
   conv_mixer, vit_cls = torch_models(torch)
   runners = {}
-  for label, kind, batch, size, arch in specs:
+  for label, (kind, batch, size, arch) in specs.items():
     if kind == "convmixer":
       model, channels_last = conv_mixer(256, 8, 9, 1, 10), True
     else:
@@ -268,7 +268,8 @@ class TorchWorker:
   afresh even with glibc keeping freed memory (ViT-S/16: 26k faults, +0.17 s per step).
   """
 
-  def __init__(self, specs: list[TorchSpec], platform: str, bf16: bool, keep_freed: bool):
+  def __init__(self, specs: dict[str, TorchSpec], platform: str, bf16: bool,
+               keep_freed: bool):
     context = multiprocessing.get_context("spawn")  # no fork of a running JAX
     self._conn, child = context.Pipe()
     self._process = context.Process(target=_torch_worker,
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                                  scan=args.vit_scan, attention_impl=impl), args.vit_batch, 224))
 
   runners: dict[str, Callable[[], Measurement]] = {}
-  flops: dict[str, float | None] = {}
+  flops: dict[str, float] = {}
   torch_specs: dict[str, TorchSpec] = {}
   for label, kind, model, batch, size in runs:
     runners[label] = jax_step_runner(model, batch, size, 10, options)
@@ -378,11 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     flops[label] = batch * model_flops.training_flops_per_image(counted, shapes, size)
     torch_arch = None if kind == "convmixer" else (
         arch.patch_size, arch.hidden_size, arch.num_layers, arch.num_heads, arch.mlp_dim)
-    torch_specs.setdefault(f"PyTorch {kind}",
-                           (f"PyTorch {kind}", kind, batch, size, torch_arch))
+    torch_specs.setdefault(f"PyTorch {kind}", (kind, batch, size, torch_arch))
   worker = None
   if not args.no_torch:
-    worker = TorchWorker(list(torch_specs.values()), device.platform,
+    worker = TorchWorker(torch_specs, device.platform,
                          args.dtype == "bfloat16", kept)
     print(worker.message, flush=True)
     if worker.ready:
@@ -398,11 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     best, median = times[label]
     line = (f"{label:30s} batch {batch:4d} @{size}: JAX best {best:8.3f} s  median "
             f"{median:8.3f} s  {batch / best:9.1f} img/s")
-    if flops[label]:
-      f = flops[label]
-      line += f"  {f / 1e9:8.1f} model GFLOP/step  {f / best / 1e12:7.3f} TFLOP/s"
-      if peak:
-        line += f"  MFU {100 * f / best / (peak * 1e12):5.1f}% of {peak:g} TFLOP/s"
+    f = flops[label]
+    line += f"  {f / 1e9:8.1f} model GFLOP/step  {f / best / 1e12:7.3f} TFLOP/s"
+    if peak:
+      line += f"  MFU {100 * f / best / (peak * 1e12):5.1f}% of {peak:g} TFLOP/s"
     line += _usage_note(usage[label])
     torch_label = f"PyTorch {kind}"
     if torch_label in times:

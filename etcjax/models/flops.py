@@ -85,10 +85,9 @@ def jaxpr_flops(jaxpr: jex_core.Jaxpr) -> float:
     elif name == "while":
       total += sum(jaxpr_flops(j) for j in _jaxprs_in(eqn.params["body_jaxpr"]))
     else:
-      # pjit / remat / custom_jvp / custom_vjp / scan: the primal sub-jaxpr(s) in the params.
-      # (custom_vjp's "fwd_jaxpr_thunk" and "bwd" are callables, not jaxprs: not counted.)
-      subs = [j for key, v in eqn.params.items() if key != "jvp_jaxpr_fun"
-              for j in _jaxprs_in(v)]
+      # pjit / remat / custom_jvp / custom_vjp / scan: the primal sub-jaxpr(s) in the params
+      # (derivative rules are held as callables, not jaxprs, so they are not counted).
+      subs = [j for v in eqn.params.values() for j in _jaxprs_in(v)]
       repeat = float(eqn.params.get("length", 1)) if name == "scan" else 1.0
       total += repeat * sum(jaxpr_flops(j) for j in subs)
   return total
