@@ -323,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                       help=f"ConvMixer activation layouts, from {convmixer.LAYOUTS}")
   parser.add_argument("--attention", default="auto",
                       help=f"ViT attention implementations, from {vit.ATTENTION_IMPLS}")
+  parser.add_argument("--mlp", default="auto",
+                      help=f"ViT MLP implementations, from {vit.MLP_IMPLS}")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--vit-remat", action="store_true", help="ViT with remat=True")
   parser.add_argument("--vit-scan", action="store_true", help="ViT with scan=True")
@@ -363,9 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     arch = vit.get_config(args.vit_model)  # ValueError naming the valid variants
     vit_label = args.vit_model.replace("_", "/")
     for impl in [s.strip() for s in args.attention.split(",") if s.strip()]:
-      runs.append((f"{vit_label} [{vit.resolve_attention_impl(impl)}]", "vit",
-                   models.create(args.vit_model, 10, dtype=args.dtype, remat=args.vit_remat,
-                                 scan=args.vit_scan, attention_impl=impl), args.vit_batch, 224))
+      for mlp in [s.strip() for s in args.mlp.split(",") if s.strip()]:
+        label = f"{vit.resolve_attention_impl(impl)},{vit.resolve_mlp_impl(mlp)}"
+        runs.append((f"{vit_label} [{label}]", "vit",
+                     models.create(args.vit_model, 10, dtype=args.dtype, remat=args.vit_remat,
+                                   scan=args.vit_scan, attention_impl=impl, mlp_impl=mlp),
+                     args.vit_batch, 224))
 
   runners: dict[str, Callable[[], Measurement]] = {}
   flops: dict[str, float] = {}

@@ -141,7 +141,7 @@ def test_every_attention_impl_agrees_in_logits_gradients_and_initial_values():
   x = _images()
 
   def logits_and_grads(impl):
-    model = _tiny(attention_impl=impl)
+    model = _tiny(attention_impl=impl, mlp_impl="dense")
     return jax.value_and_grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2))(params)
 
   ref = logits_and_grads("flax")
@@ -157,6 +157,29 @@ def test_every_attention_impl_agrees_in_logits_gradients_and_initial_values():
       _tiny(attention_impl=impl, attention_dropout_rate=0.1).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="attention_impl"):
     _tiny(attention_impl="flash").init(jax.random.key(0), _images())
+
+
+def test_every_mlp_impl_agrees_in_logits_gradients_dropout_and_initial_values():
+  params = _random_params(_tiny())
+  x = _images()
+
+  def logits_and_grads(impl, train):
+    model = _tiny(mlp_impl=impl, dropout_rate=0.2 if train else 0.0)
+    loss = lambda p: jnp.sum(model.apply(  # noqa: E731
+        {"params": p}, x, train=train, rngs={"dropout": jax.random.key(3)}) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  for train in (False, True):
+    ref = logits_and_grads("dense", train)
+    for impl in ("cpu", "auto"):
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                   logits_and_grads(impl, train), ref)
+  init = {impl: _tiny(mlp_impl=impl).init(jax.random.key(0), x)["params"]
+          for impl in ("dense", "cpu")}
+  jax.tree.map(np.testing.assert_array_equal, init["cpu"], init["dense"])
+  assert vit.resolve_mlp_impl("auto") == "cpu"  # the tests run on CPU
+  with pytest.raises(ValueError, match="mlp_impl"):
+    _tiny(mlp_impl="fast").init(jax.random.key(0), x)
 
 
 def test_drop_path_keeps_the_expectation():

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from etcjax.models import activations
+from etcjax.models import activations, cpu_dots
 
 Array = jax.Array
 Dtype = Any
@@ -155,7 +155,8 @@ class HeadsSelfAttention(nn.Module):
   The same function and parameters (`query`, `key`, `value`, `out`) as
   `nn.MultiHeadDotProductAttention` without dropout, and the same initial values from the
   same RNG. On CPU it avoids the token-major <-> head-major transposes around every
-  attention matmul (fwd + bwd of one ViT-S/16 layer at batch 8: 13.7 ms instead of 20.1).
+  attention matmul (fwd + bwd of one ViT-S/16 layer at batch 8: 13.7 ms instead of 20.1),
+  and its backward pass takes the layouts of XLA:CPU's fast matmuls (`cpu_dots.attention`).
 
   Call: `x (N, T, D) -> (N, T, D)`.
   """
@@ -169,9 +170,7 @@ class HeadsSelfAttention(nn.Module):
     head_dim = d // self.num_heads
     q, k, v = (_HeadsProjection(self.num_heads, self.dtype, name=name)(x)
                for name in ("query", "key", "value"))
-    logits = jnp.einsum("nhtk,nhsk->nhts", q / jnp.sqrt(head_dim).astype(self.dtype), k)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    y = jnp.einsum("nhts,nhsk->nhtk", weights, v)
+    y = cpu_dots.attention(q / jnp.sqrt(head_dim).astype(self.dtype), k, v)
     return _HeadsOutput(d, self.dtype, name="out")(y)
 
 
@@ -208,17 +207,41 @@ def resolve_attention_impl(impl: str, attention_dropout_rate: float = 0.0) -> st
   return "heads" if jax.default_backend() == "cpu" else "fused"
 
 
+MLP_IMPLS = ("auto", "dense", "cpu")
+
+
+def resolve_mlp_impl(impl: str) -> str:
+  """Maps "auto" to "cpu" on CPU and "dense" elsewhere.
+
+  Raises:
+    ValueError: an unknown impl.
+  """
+  if impl not in MLP_IMPLS:
+    raise ValueError(f"unknown mlp_impl {impl!r}; valid: {', '.join(MLP_IMPLS)}")
+  if impl != "auto":
+    return impl
+  return "cpu" if jax.default_backend() == "cpu" else "dense"
+
+
 class MlpBlock(nn.Module):
-  """Transformer MLP: Dense(mlp_dim) -> exact GELU -> dropout -> Dense(D) -> dropout."""
+  """Transformer MLP: Dense(mlp_dim) -> exact GELU -> dropout -> Dense(D) -> dropout.
+
+  `impl="cpu"` differentiates the two matmuls with `cpu_dots.matmul` (weight gradients in
+  the layouts of XLA:CPU's fast matmuls); "dense" with autodiff. Same function, parameters
+  and initial values.
+  """
 
   mlp_dim: int
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  impl: str = "dense"
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool) -> Array:
     inits = dict(kernel_init=nn.initializers.xavier_uniform(),
                  bias_init=nn.initializers.normal(stddev=1e-6))
+    if self.impl == "cpu":
+      inits["dot_general"] = cpu_dots.dense_dot_general
     d = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, **inits)(x)
     x = activations.gelu(x)  # exact GELU; its backward pass keeps only x (21 % less memory)
@@ -240,6 +263,7 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   use_drop_path: bool = False
   attention_impl: str = "flax"
+  mlp_impl: str = "dense"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -260,7 +284,7 @@ class Encoder1DBlock(nn.Module):
       y = drop_path(y, drop_path_rate, self.make_rng("dropout"))
     x = x + y
     y = nn.LayerNorm(dtype=self.dtype)(x)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype)(y, deterministic)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.mlp_impl)(y, deterministic)
     if self.use_drop_path and not deterministic:
       y = drop_path(y, drop_path_rate, self.make_rng("dropout"))
     return x + y, None
@@ -289,6 +313,7 @@ class Encoder(nn.Module):
   remat: bool = False
   scan: bool = False
   attention_impl: str = "flax"
+  mlp_impl: str = "dense"
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -304,7 +329,8 @@ class Encoder(nn.Module):
                   dropout_rate=self.dropout_rate,
                   attention_dropout_rate=self.attention_dropout_rate,
                   use_drop_path=self.stochastic_depth > 0,
-                  attention_impl=self.attention_impl, dtype=self.dtype)
+                  attention_impl=self.attention_impl, mlp_impl=self.mlp_impl,
+                  dtype=self.dtype)
     if self.scan:
       x, _ = nn.scan(
           block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
@@ -336,6 +362,9 @@ class VisionTransformer(nn.Module):
       (`HeadsSelfAttention`: head-major throughout, fastest on CPU) or "auto" ("heads" on CPU,
       else "fused"; "flax" when attention dropout is on, which only "flax" implements). All
       share parameters and initial values.
+    mlp_impl: "dense" (autodiff of `nn.Dense`), "cpu" (weight gradients laid out for
+      XLA:CPU's fast matmuls, `cpu_dots.matmul`) or "auto" ("cpu" on CPU, else "dense").
+      Same function and parameters.
 
   Call: `(images (N, H, W, 3) float in [-1, 1], train: bool) -> logits (N, num_classes)`.
   Dropout and stochastic depth draw from the "dropout" RNG stream when `train=True`.
@@ -356,12 +385,14 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   scan: bool = False
   attention_impl: str = "auto"
+  mlp_impl: str = "auto"
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> Array:
     if self.classifier not in ("token", "gap"):
       raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
     attention_impl = resolve_attention_impl(self.attention_impl, self.attention_dropout_rate)
+    mlp_impl = resolve_mlp_impl(self.mlp_impl)
     dtype = jnp.dtype(self.dtype)
     n, h, w, _ = images.shape
     p = self.patch_size
@@ -378,7 +409,7 @@ class VisionTransformer(nn.Module):
         num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         stochastic_depth=self.stochastic_depth, dtype=dtype, remat=self.remat, scan=self.scan,
-        attention_impl=attention_impl, name="Transformer")(x, train=train)
+        attention_impl=attention_impl, mlp_impl=mlp_impl, name="Transformer")(x, train=train)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=dtype, name="pre_logits")(x))
