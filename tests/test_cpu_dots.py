@@ -84,6 +84,33 @@ def test_attention_with_fewer_keys_than_queries_and_under_vmap():
     np.testing.assert_allclose(g[0], w, rtol=1e-4, atol=1e-5)
 
 
+def _reference_projections(x, kernels):
+  return tuple(jnp.einsum("ntd,dhk->nhtk", x, kernel) for kernel in kernels)
+
+
+def _sum_heads(fn):
+  """`fn`'s tuple of projections combined non-uniformly into one array."""
+  return lambda x, *ws: sum((i + 1.0) * y for i, y in enumerate(fn(x, ws)))
+
+
+def test_heads_projections_match_autodiff_in_value_and_gradients():
+  x = _rand(2, 11, 12, seed=19)
+  kernels = (_rand(12, 3, 4, seed=20), _rand(12, 3, 4, seed=21), _rand(12, 3, 4, seed=22))
+  want_val, want_grads = _grads(_sum_heads(_reference_projections), x, *kernels)
+  got_val, got_grads = _grads(_sum_heads(cpu_dots.heads_projections), x, *kernels)
+  np.testing.assert_allclose(got_val, want_val, rtol=1e-5)
+  for got, want in zip(got_grads, want_grads, strict=True):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # One projection, or kernels of different widths, work the same way.
+  for ks in (kernels[:1], (kernels[0], _rand(12, 2, 5, seed=23))):
+    narrow = lambda fn: lambda x, *ws: sum(jnp.sum(y ** 2) for y in fn(x, ws))  # noqa: E731
+    _, want = _grads(narrow(_reference_projections), x, *ks)
+    _, got = _grads(narrow(cpu_dots.heads_projections), x, *ks)
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_backward_passes_leave_no_dot_to_eigen_on_cpu():
   """The point of the module: autodiff's backward has dots XLA:CPU cannot give YNNPACK;
   these custom VJPs have none."""
@@ -94,3 +121,5 @@ def test_backward_passes_leave_no_dot_to_eigen_on_cpu():
   q, k, v = (_rand(2, 3, 10, 8, seed=s) for s in (16, 17, 18))
   assert _entry_dots(_reference_attention, q, k, v) >= 1
   assert _entry_dots(cpu_dots.attention, q, k, v) == 0
+  x, kernels = _rand(2, 10, 24, seed=19), tuple(_rand(24, 3, 8, seed=s) for s in (20, 21, 22))
+  assert _entry_dots(_sum_heads(cpu_dots.heads_projections), x, *kernels) == 0

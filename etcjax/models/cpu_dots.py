@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -107,3 +108,43 @@ def _attention_bwd(res: tuple[Array, ...], dy: Array) -> tuple[Array, Array, Arr
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@jax.custom_vjp
+def heads_projections(x: Array, kernels: tuple[Array, ...]) -> tuple[Array, ...]:
+  """Projections of the same tokens straight into head-major layout (attention's q, k, v).
+
+  Args:
+    x: `(N, T, D)` tokens.
+    kernels: `(D, heads, head_dim)` each, the dtype of `x`.
+
+  Returns:
+    `einsum("ntd,dhk->nhtk", x, kernel)` for each kernel: `(N, heads, T, head_dim)`.
+
+  The backward pass stacks the projections' gradients token-major into one `(N*T, sum of
+  heads*head_dim)` matrix, so that the input gradient is one matmul and the kernel
+  gradients one matmul with one transpose of `x`, instead of one each per projection.
+  """
+  return tuple(jnp.einsum("ntd,dhk->nhtk", x, kernel) for kernel in kernels)
+
+
+def _heads_projections_fwd(x: Array, kernels: tuple[Array, ...]
+                           ) -> tuple[tuple[Array, ...], tuple[Array, tuple[Array, ...]]]:
+  return heads_projections(x, kernels), (x, kernels)
+
+
+def _heads_projections_bwd(res: tuple[Array, tuple[Array, ...]], dys: tuple[Array, ...]
+                           ) -> tuple[Array, tuple[Array, ...]]:
+  x, kernels = res
+  n, t, d = x.shape
+  dy = lax.optimization_barrier(jnp.concatenate(
+      [jnp.swapaxes(dy, 1, 2).reshape(n * t, -1) for dy in dys], axis=-1))
+  w = jnp.concatenate([kernel.reshape(d, -1) for kernel in kernels], axis=1)
+  dx = (dy @ w.T).reshape(x.shape)
+  dw = _t(x.reshape(n * t, d)) @ dy
+  splits = np.cumsum([kernel.shape[1] * kernel.shape[2] for kernel in kernels])[:-1]
+  return dx, tuple(part.reshape(kernel.shape)
+                   for part, kernel in zip(jnp.split(dw, splits, axis=1), kernels, strict=True))
+
+
+heads_projections.defvjp(_heads_projections_fwd, _heads_projections_bwd)
