@@ -16,13 +16,13 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_mode
 def test_model_benchmark_runs_every_requested_formulation():
   r = subprocess.run(
       [sys.executable, SCRIPT, "--steps", "1", "--convmixer-batch", "1", "--vit-batch", "1",
-       "--depthwise", "auto,shift", "--attention", "auto,fused", "--no-torch"],
+       "--depthwise", "auto,shift", "--attention", "auto", "--mlp", "auto,dense", "--no-torch"],
       capture_output=True, text=True, timeout=900, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
   out = r.stdout
   cpu_impl = "ffi" if depthwise_cpu.available() else "shift"
   for label in (f"ConvMixer-256/8 [{cpu_impl},CNHW]", "ConvMixer-256/8 [shift,CNHW]",
-                "ViT-S/16 [heads]", "ViT-S/16 [fused]"):
+                "ViT-S/16 [heads,cpu]", "ViT-S/16 [heads,dense]"):
     assert label in out, out
   assert "model GFLOP/step" in out and out.count("page faults/step") == 4
 

@@ -30,7 +30,8 @@ Array = jax.Array
 
 
 def _t(x: Array) -> Array:
-  """Swaps the last two axes, materialised (the barrier keeps the copy a copy)."""
+  """Swaps the last two axes in memory (the barrier stops XLA folding the transpose into the
+  dot that consumes it, which would hand that dot a transposed operand again)."""
   return lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 

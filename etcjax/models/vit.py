@@ -163,9 +163,10 @@ class HeadsSelfAttention(nn.Module):
     d = x.shape[-1]
     head_dim = d // self.num_heads
     params = [_HeadsProjection(self.num_heads, name=name)(d) for name in ("query", "key", "value")]
-    q, k, v = (y + b[:, None, :].astype(self.dtype) for y, (_, b) in zip(
-        cpu_dots.heads_projections(x, tuple(w.astype(self.dtype) for w, _ in params)), params,
-        strict=True))
+    kernels = tuple(kernel.astype(self.dtype) for kernel, _ in params)
+    projections = cpu_dots.heads_projections(x, kernels)
+    q, k, v = (y + bias[:, None, :].astype(self.dtype)
+               for y, (_, bias) in zip(projections, params, strict=True))
     y = cpu_dots.attention(q / jnp.sqrt(head_dim).astype(self.dtype), k, v)
     return _HeadsOutput(d, self.dtype, name="out")(y)
 
