@@ -303,6 +303,11 @@ class TorchWorker:
 # ----------------------------------------------------------------------------------- main
 
 
+def _names(arg: str) -> list[str]:
+  """The non-empty items of a comma-separated option value."""
+  return [name.strip() for name in arg.split(",") if name.strip()]
+
+
 def _usage_note(usage: tuple[float, float]) -> str:
   faults, system = usage
   return f"\n{'':30s}   page faults/step {faults:10,.0f}, system CPU {system:6.2f} s/step"
@@ -351,11 +356,11 @@ def main(argv: list[str] | None = None) -> int:
   print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
         f"{jax.device_count()} device(s), {os.cpu_count()} CPU(s), dtype {args.dtype}, "
         f"malloc {'keeps freed memory' if kept else 'as is'}, XLA options {options}")
-  wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+  wanted = _names(args.models)
   runs = []
   if "convmixer" in wanted:
-    for impl in [s.strip() for s in args.depthwise.split(",") if s.strip()]:
-      for layout in [s.strip() for s in args.layouts.split(",") if s.strip()]:
+    for impl in _names(args.depthwise):
+      for layout in _names(args.layouts):
         resolved = convmixer.resolve_depthwise_impl(impl)
         label = f"{resolved},{convmixer.resolve_layout(layout, resolved)}"
         runs.append((f"ConvMixer-256/8 [{label}]", "convmixer",
@@ -364,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
   if "vit" in wanted:
     arch = vit.get_config(args.vit_model)  # ValueError naming the valid variants
     vit_label = args.vit_model.replace("_", "/")
-    for impl in [s.strip() for s in args.attention.split(",") if s.strip()]:
-      for mlp in [s.strip() for s in args.mlp.split(",") if s.strip()]:
+    for impl in _names(args.attention):
+      for mlp in _names(args.mlp):
         label = f"{vit.resolve_attention_impl(impl)},{vit.resolve_mlp_impl(mlp)}"
         runs.append((f"{vit_label} [{label}]", "vit",
                      models.create(args.vit_model, 10, dtype=args.dtype, remat=args.vit_remat,
