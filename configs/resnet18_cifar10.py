@@ -6,7 +6,7 @@ r"""ResNet-18 (CIFAR stem) on CIFAR-10: the non-isotropic baseline, plain or enc
 Variants: "plain" (default), "etc" (EtC, block 16), "pe" (pixel-wise encryption of
 Sirichotedumrong et al. 2019, via `etcjax.schemes`), "jpegNN".
 
-Recipe: the standard CIFAR ResNet training (SGD momentum 0.9, lr 0.1, weight decay
+Recipe (`etcjax.config.resnet_recipe`): the standard CIFAR ResNet training (SGD momentum 0.9, lr 0.1, weight decay
 5e-4, batch 128, 200 epochs with cosine decay; random resized crops and flips on plain
 images).
 
@@ -22,27 +22,7 @@ TARGETS = {"plain": 95.53, "pe": 91.33}
 
 def get_config(arg: str | None = None):
   tokens = config_lib.parse_variant(arg, ("plain", "etc", "pe", "jpeg"))
-  c = config_lib.base_config()
+  c = config_lib.resnet_recipe(tokens, train_examples=50_000)
   c.dataset = "tfds:cifar10"
   c.image_size = 32
-  c.block_size = 16
-  c.model = "ResNet18-cifar"
-  c.optimizer = "sgd"
-  c.momentum = 0.9
-  c.learning_rate = 0.1
-  c.weight_decay = 5e-4
-  c.schedule = "warmup_cosine"
-  c.warmup_steps = 0
-  c.grad_clip_norm = 0.0
-  c.batch_size = 128
-  c.num_train_steps = 200 * 50_000 // 128
-  c.augment = "flip_crop"
-  c.crop_scale_min = 0.75
-  c.log_every_steps = 200
-  c.eval_every_steps = 5000
-  c.checkpoint_every_steps = 5000
-  config_lib.apply_common_variants(c, tokens)
-  if "pe" in tokens:
-    c.encryption = "pe"
-    c.augment = "none"
   return c

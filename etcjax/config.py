@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_dir = ""  # TFDS data_dir; "" = TFDS's default (~/tensorflow_datasets).
   c.image_size = 32  # Model input and encryption geometry: image_size x image_size.
   c.num_eval_examples = 0  # Evaluate on the first N examples of the eval split; 0 = all.
+  # folder: datasets only: keep decoded splits here, keyed by the files' contents, so a
+  # restart decodes nothing (`etcjax.data.sources.decode_folder_split`); "" = off.
+  c.data_cache_dir = ""
   # --- encryption ---------------------------------------------------------------------
   # "none" (plain images), "etc" (block scrambling, rotation/flip, negative-positive,
   # channel shuffle; DESIGN.md) or another scheme of etcjax.schemes ("le", "ele", "pe").
@@ -234,6 +237,38 @@ def convmixer_recipe(tokens: set[str], train_examples: int) -> ml_collections.Co
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 5000
   apply_common_variants(c, tokens)
+  return c
+
+
+def resnet_recipe(tokens: set[str], train_examples: int) -> ml_collections.ConfigDict:
+  """The standard CIFAR ResNet-18 training, the paper's non-isotropic baseline.
+
+  ResNet-18 with the CIFAR stem, SGD momentum 0.9, lr 0.1, weight decay 5e-4, batch 128,
+  200 epochs of `train_examples` with cosine decay, random resized crops (scale >= 0.75)
+  and flips on plain images. Tokens: "etc" (EtC, block 16), "pe" (pixel-wise encryption,
+  `etcjax.schemes`), "jpegNN". Encrypted images get no plain-image augmentation.
+  """
+  c = base_config()
+  c.block_size = 16
+  c.model = "ResNet18-cifar"
+  c.optimizer = "sgd"
+  c.momentum = 0.9
+  c.learning_rate = 0.1
+  c.weight_decay = 5e-4
+  c.schedule = "warmup_cosine"
+  c.warmup_steps = 0
+  c.grad_clip_norm = 0.0
+  c.batch_size = 128
+  c.num_train_steps = 200 * train_examples // 128
+  c.augment = "flip_crop"
+  c.crop_scale_min = 0.75
+  c.log_every_steps = 200
+  c.eval_every_steps = 5000
+  c.checkpoint_every_steps = 5000
+  apply_common_variants(c, tokens)
+  if "pe" in tokens:
+    c.encryption = "pe"
+    c.augment = "none"
   return c
 
 

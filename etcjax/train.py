@@ -215,7 +215,7 @@ def build(config: ml_collections.ConfigDict, *, train: bool = True) -> Setup:
   key = _load_key(config) if config.key_file else None
 
   data = sources.load(config.dataset, size, shard=(jax.process_index(), n_proc),
-                      data_dir=config.data_dir, train=train)
+                      data_dir=config.data_dir, train=train, cache_dir=config.data_cache_dir)
   train_images, eval_images, cipher = data.train, data.eval, None
   scheme, fingerprint = config.encryption, key.fingerprint if key else None
   if kind == "encrypted":

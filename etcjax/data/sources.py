@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from etcjax import codec
+from etcjax import codec, fileio
 from etcjax.config import parse_dataset
 from etcjax.errors import UserError
 
@@ -128,7 +129,7 @@ class Dataset:
 
 
 def load(dataset: str, image_size: int, *, shard: tuple[int, int] = (0, 1),
-         data_dir: str = "", train: bool = True) -> Dataset:
+         data_dir: str = "", train: bool = True, cache_dir: str = "") -> Dataset:
   """Loads `dataset` (a `config.dataset` string) for one process.
 
   Args:
@@ -137,6 +138,8 @@ def load(dataset: str, image_size: int, *, shard: tuple[int, int] = (0, 1),
     shard: (process_index, process_count); this process keeps every count-th example.
     data_dir: TFDS data_dir ("" = TFDS default).
     train: also load the train split (False for evaluation-only runs).
+    cache_dir: for `folder:` datasets, a folder holding decoded splits keyed by the
+      files' contents (`decode_folder_split`); "" = decode every time.
 
   Raises:
     UserError: unknown dataset, missing folder, or data that cannot be read.
@@ -147,7 +150,7 @@ def load(dataset: str, image_size: int, *, shard: tuple[int, int] = (0, 1),
   if kind == "tfds":
     return _load_tfds(arg, image_size, shard, data_dir, train)
   if kind == "folder":
-    return _load_folder(arg, image_size, shard, train)
+    return _load_folder(arg, image_size, shard, train, cache_dir)
   from etcjax.data import encrypted
   return encrypted.load(arg, shard=shard, train=train)
 
@@ -342,7 +345,70 @@ def list_labelled_files(split_dir: str, class_names: Sequence[str] | None = None
   return files, np.asarray(labels, np.int32), tuple(class_names)
 
 
-def _load_folder(root: str, image_size: int, shard: tuple[int, int], train: bool) -> Dataset:
+# Bumped whenever decoding or resizing changes what a cached split holds.
+_FOLDER_CACHE_VERSION = 1
+
+
+def decode_folder_split(files: Sequence[str], labels: np.ndarray, image_size: int,
+                        cache_dir: str = "") -> ArrayImageSet:
+  """Decodes image files (resized as `resize_center_crop`) into one in-memory split.
+
+  Files are read and decoded on `_DECODE_THREADS` threads. With `cache_dir`, the decoded
+  split is stored there as `<digest>.npz`, where the digest covers the cache version,
+  `image_size`, and every file's path, label and *bytes* (BLAKE2b): a cache entry is
+  found again only for exactly the same files, so it is never stale. Reading and hashing
+  60,000 CIFAR-10 JPEGs costs about a second; decoding them about twenty.
+
+  Args:
+    files: image paths; labels: int32 `(n,)`.
+    image_size: side of the square output.
+    cache_dir: cache folder (created); "" = no cache.
+
+  Returns:
+    uint8 images `(n, image_size, image_size, 3)` with their labels.
+
+  Raises:
+    UserError: a missing, unreadable or corrupt file (named).
+  """
+  def read(path: str) -> bytes:
+    try:
+      with open(path, "rb") as f:
+        return f.read()
+    except OSError as e:
+      raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+
+  def decode(item: tuple[str, bytes]) -> np.ndarray:
+    path, blob = item
+    try:
+      image = codec.decode(blob, jpeg_decoder="pillow")
+    except ValueError as e:
+      raise UserError(f"{path}: {e}") from None
+    return resize_center_crop(image, image_size)
+
+  labels = np.asarray(labels, np.int32)
+  with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
+    blobs = list(pool.map(read, files))
+    cache_path = ""
+    if cache_dir:
+      digest = hashlib.blake2b(digest_size=20)
+      digest.update(f"etcjax-folder-cache v{_FOLDER_CACHE_VERSION} {image_size}\n".encode())
+      for path, label, blob in zip(files, labels, blobs, strict=True):
+        digest.update(f"{path}\0{int(label)}\0{len(blob)}\0".encode())
+        digest.update(blob)
+      cache_path = os.path.join(cache_dir, f"{digest.hexdigest()}.npz")
+      if os.path.isfile(cache_path):
+        with np.load(cache_path) as cached:
+          return ArrayImageSet(cached["images"], cached["labels"])
+    images = np.stack(list(pool.map(decode, zip(files, blobs, strict=True))))
+  if cache_path:
+    os.makedirs(cache_dir, exist_ok=True)
+    with fileio.atomic_write(cache_path) as f:
+      np.savez(f, images=images, labels=labels)
+  return ArrayImageSet(images, labels)
+
+
+def _load_folder(root: str, image_size: int, shard: tuple[int, int], train: bool,
+                 cache_dir: str = "") -> Dataset:
   if not os.path.isdir(root):
     raise UserError(f"config.dataset=folder:{root}: no such folder")
   index, count = shard
@@ -351,14 +417,8 @@ def _load_folder(root: str, image_size: int, shard: tuple[int, int], train: bool
   eval_files, eval_labels, _ = list_labelled_files(eval_dir, classes)
 
   def read(files: list[str], labels: np.ndarray) -> ArrayImageSet:
-    files, labels = files[index::count], labels[index::count]
-
-    def one(path: str) -> np.ndarray:
-      return resize_center_crop(codec.read_image(path), image_size)
-
-    with concurrent.futures.ThreadPoolExecutor(_DECODE_THREADS) as pool:
-      images = list(pool.map(one, files))
-    return ArrayImageSet(np.stack(images), labels)
+    return decode_folder_split(files[index::count], labels[index::count], image_size,
+                               cache_dir)
 
   return Dataset(name=f"folder:{root}",
                  train=read(train_files, train_labels) if train else None,
