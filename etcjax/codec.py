@@ -27,11 +27,12 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from etcjax import etc
+from etcjax import etc_np
 from etcjax.errors import UserError
 
 FORMATS = ("png", "jpeg", "jpegls", "jpeg2k")
@@ -277,7 +278,7 @@ class SizeRow:
     return {**asdict(self), "etc_overhead": self.etc_overhead}
 
 
-def size_table(images: Iterable[np.ndarray], schedules: Mapping[tuple[int, int], etc.Schedule]
+def size_table(images: Iterable[np.ndarray], schedules: Mapping[tuple[int, int], Any]
                | None = None, key=None, block_size: int = 16,
                subsampling: str = "4:2:0", settings=TABLE_SETTINGS,
                progress: bool = False) -> list[SizeRow]:
@@ -286,7 +287,8 @@ def size_table(images: Iterable[np.ndarray], schedules: Mapping[tuple[int, int],
   Args:
     images: RGB uint8 (H, W, 3) images, H and W multiples of `block_size`.
     key: `etcjax.keys.EtcKey` used for every image (one key per dataset, as in the
-      paper); schedules are derived per geometry. Or pass `schedules` directly.
+      paper); schedules are derived per geometry. Or pass `schedules` directly
+      (`etcjax.etc.Schedule` or `etcjax.etc_np.HostSchedule`, concrete).
     settings: (label, format, quality) rows; format "raw" counts H * W * 3 bytes.
   """
   if key is None and schedules is None:
@@ -305,8 +307,8 @@ def size_table(images: Iterable[np.ndarray], schedules: Mapping[tuple[int, int],
     if geom not in cache:
       with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # callers report key-space warnings themselves
-        cache[geom] = key.schedule(geom[0], geom[1], block_size)
-    enc = etc.encrypt(img, cache[geom])
+        cache[geom] = key.host_schedule(geom[0], geom[1], block_size)
+    enc = etc_np.encrypt(img, cache[geom])
     for label, fmt, q in settings:
       for j, im in enumerate((img, enc)):
         n = im.size if fmt == "raw" else len(encode(im, fmt, quality=q or 85,
@@ -345,12 +347,12 @@ def jpeg_psnr_study(images: Mapping[str, np.ndarray], key, quality: int = 85,
     img = _check_image(img)
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      s = key.schedule(img.shape[0], img.shape[1], block_size)
+      s = key.host_schedule(img.shape[0], img.shape[1], block_size)
     plain_jpg = encode(img, "jpeg", quality, subsampling)
-    etc_jpg = encode(etc.encrypt(img, s), "jpeg", quality, subsampling)
+    etc_jpg = encode(etc_np.encrypt(img, s), "jpeg", quality, subsampling)
     for dec in decoders:
       plain_dec = decode_jpeg(plain_jpg, dec)
-      etc_dec = etc.decrypt(decode_jpeg(etc_jpg, dec), s)
+      etc_dec = etc_np.decrypt(decode_jpeg(etc_jpg, dec), s)
       out.append(JpegPsnr(name, dec, psnr(img, plain_dec), psnr(img, etc_dec),
                           len(plain_jpg), len(etc_jpg)))
   return out

@@ -35,10 +35,10 @@ so values round-trip bit-exactly when `1 - p` is exact in their dtype (e.g. mult
   - everything else (GPU/TPU, float images, CPU without the kernel): pure `jax.numpy`, one
     gather whose source indices are computed arithmetically from the n-length schedule
     arrays (`source_index`), then negpos (`_transform_gather`).
-* NumPy arrays with a concrete schedule: a host implementation (`_transform_np`: strided
-  per-block copies vectorised over the batch, or `np.take` over the cached `source_index`
-  map for very many blocks) for the owner-side tools and host input pipelines. Returns
-  NumPy.
+* NumPy arrays with a concrete schedule: the host implementation of `etcjax.etc_np`
+  (strided per-block copies vectorised over the batch, or `np.take` over the cached
+  `source_index` map for very many blocks), which the owner-side tools use without
+  importing JAX. Returns NumPy.
 
 All give bit-identical results (tested).
 """
@@ -46,7 +46,6 @@ All give bit-identical results (tested).
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 from typing import Any
 
@@ -57,21 +56,13 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import PartitionSpec as P
 
-from etcjax import ffi_library
+from etcjax import etc_np, ffi_library
 
-# Output channel c of a block with chperm code k is input channel PERMS3[k][c].
-PERMS3 = np.array(list(itertools.permutations((0, 1, 2))), np.int32)  # (6, 3)
-# Code of the inverse channel permutation: PERMS3[INV_CHPERM[k]] == argsort(PERMS3[k]).
-INV_CHPERM = np.array([PERMS3.tolist().index(np.argsort(p).tolist()) for p in PERMS3],
-                      np.int32)
-# rotflip code k as (transpose, reverse rows, reverse columns), applied in that order:
-# out[y, x] = S[B-1-y if REV_Y else y, B-1-x if REV_X else x], S = in.T if TRANSPOSE else in.
-TRANSPOSE = np.array([0, 1, 0, 1, 0, 1, 0, 1], np.int32)
-REV_Y = np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int32)
-REV_X = np.array([0, 0, 1, 1, 1, 1, 0, 0], np.int32)
-# Code of the inverse dihedral element: rot90 by k is undone by rot90 by 4-k; the four
-# flipped elements are involutions.
-INV_ROTFLIP = np.array([0, 3, 2, 1, 4, 5, 6, 7], np.int32)
+# The per-block code tables (see the module doc), shared with the host implementation.
+PERMS3 = etc_np.PERMS3  # (6, 3): output channel c of chperm code k is input PERMS3[k][c]
+INV_CHPERM = etc_np.INV_CHPERM
+TRANSPOSE, REV_Y, REV_X = etc_np.TRANSPOSE, etc_np.REV_Y, etc_np.REV_X
+INV_ROTFLIP = etc_np.INV_ROTFLIP
 
 Array = Any  # np.ndarray | jax.Array
 
@@ -118,12 +109,7 @@ class Schedule:
     inverse, and the three per-block steps commute).
     """
     if _is_concrete(self):
-      perm = np.asarray(self.perm)
-      inv = np.empty_like(perm)
-      inv[perm] = np.arange(perm.shape[-1], dtype=perm.dtype)
-      return self.replace(perm=inv, rotflip=INV_ROTFLIP[np.asarray(self.rotflip)[inv]],
-                          negpos=np.asarray(self.negpos)[inv],
-                          chperm=INV_CHPERM[np.asarray(self.chperm)[inv]])
+      return self.replace(**etc_np.inverse_fields(self))
     perm = jnp.asarray(self.perm)
     inv = jnp.argsort(perm).astype(perm.dtype)
     return self.replace(perm=inv,
@@ -133,19 +119,8 @@ class Schedule:
 
   def validate(self) -> Schedule:
     """Checks shapes and value ranges (concrete schedules only); returns self."""
-    if not _is_concrete(self):
-      return self
-    n = self.num_blocks
-    perm = np.asarray(self.perm)
-    for name, arr, hi in (("rotflip", self.rotflip, 8), ("negpos", self.negpos, 2),
-                          ("chperm", self.chperm, 6)):
-      arr = np.asarray(arr)
-      if arr.shape != (n,):
-        raise ValueError(f"schedule field {name} has shape {arr.shape}, expected ({n},)")
-      if arr.size and (arr.min() < 0 or arr.max() >= hi):
-        raise ValueError(f"schedule field {name} has values outside 0..{hi - 1}")
-    if perm.shape != (n,) or not np.array_equal(np.sort(perm), np.arange(n)):
-      raise ValueError("schedule field perm is not a permutation of 0..n-1")
+    if _is_concrete(self):
+      etc_np.validate(self)
     return self
 
 
@@ -153,13 +128,7 @@ def _is_concrete(tree: Any) -> bool:
   return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def _grid(height: int, width: int, block_size: int) -> tuple[int, int]:
-  if block_size < 1:
-    raise ValueError(f"block size must be >= 1, got {block_size}")
-  if height % block_size or width % block_size:
-    raise ValueError(f"image size {height}x{width} is not a multiple of the block size "
-                     f"{block_size}")
-  return height // block_size, width // block_size
+_grid = etc_np.grid_of
 
 
 def _check(images: Array, schedule: Schedule) -> tuple[int, int]:
@@ -172,17 +141,7 @@ def _check(images: Array, schedule: Schedule) -> tuple[int, int]:
     raise ValueError(f"images must be uint8 in [0, 255] or float in [0, 1], got {dtype}")
   if not isinstance(schedule, Schedule):
     raise ValueError(f"expected an etcjax.etc.Schedule, got {type(schedule).__name__}")
-  h, w = shape[-3], shape[-2]
-  grid = _grid(h, w, schedule.block_size)
-  if schedule.grid is not None and tuple(schedule.grid) != grid:
-    gh, gw = schedule.grid
-    b = schedule.block_size
-    raise ValueError(f"schedule was made for {gh * b}x{gw * b} images (block size {b}), "
-                     f"got {h}x{w}")
-  if schedule.num_blocks != grid[0] * grid[1]:
-    raise ValueError(f"schedule has {schedule.num_blocks} blocks but {h}x{w} images with "
-                     f"block size {schedule.block_size} have {grid[0] * grid[1]}")
-  return grid
+  return etc_np.check(shape, dtype, schedule, check_dtype=False)
 
 
 def encrypt(images: Array, schedule: Schedule) -> Array:
@@ -222,44 +181,16 @@ def source_index(perm: Array, rotflip: Array, chperm: Array, grid: tuple[int, in
 
   `out.reshape(-1)[k] = in.reshape(-1)[index[k]]` (before negpos) for the schedule's
   block permutation, rotation/flip and channel shuffle. Computed arithmetically from the
-  per-block arrays (no per-element tables), with `xp` = `jax.numpy` (traceable) or `numpy`.
+  per-block arrays (no per-element tables), with `xp` = `jax.numpy` (traceable) or `numpy`
+  (`etcjax.etc_np.source_index`).
   """
-  rows, cols = grid
-  b = block_size
-  n = rows * cols
-  perm = xp.asarray(perm).astype(xp.int32)
-  rotflip = xp.asarray(rotflip)
-  col = lambda table: xp.asarray(table)[rotflip].reshape(n, 1, 1).astype(bool)
-  y = xp.arange(b, dtype=xp.int32).reshape(1, b, 1)
-  x = xp.arange(b, dtype=xp.int32).reshape(1, 1, b)
-  # out[y, x] = S[y', x'] with y', x' optionally reversed and S = in.T if TRANSPOSE.
-  yr = xp.where(col(REV_Y), b - 1 - y, y)
-  xr = xp.where(col(REV_X), b - 1 - x, x)
-  t = col(TRANSPOSE)
-  sy, sx = xp.where(t, xr, yr), xp.where(t, yr, xr)  # (n, b, b) source pixel in its block
-  pixel = ((perm // cols).reshape(n, 1, 1) * b + sy) * (cols * b) \
-      + (perm % cols).reshape(n, 1, 1) * b + sx
-  chans = xp.asarray(PERMS3)[xp.asarray(chperm)].astype(xp.int32)  # (n, 3)
-  index = pixel[..., None] * 3 + chans[:, None, None, :]  # (n, b, b, 3), blocks in raster order
-  return _blocks_to_image(index, grid, xp).reshape(-1)
+  return etc_np.source_index(perm, rotflip, chperm, grid, block_size, xp=xp)
 
 
-def _blocks_to_image(a: Array, grid: tuple[int, int], xp) -> Array:
-  """(n, B, B, ...) per-block values -> (H, W, ...) image layout."""
-  rows, cols = grid
-  b = a.shape[1]
-  a = a.reshape((rows, cols, b, b) + a.shape[3:])
-  return xp.moveaxis(a, 2, 1).reshape((rows * b, cols * b) + a.shape[4:])
+_blocks_to_image = etc_np.blocks_to_image
+_negpos_map = etc_np.negpos_map
 
-
-def _negpos_map(negpos: Array, grid: tuple[int, int], block_size: int, xp) -> Array:
-  """bool (H, W, 1): pixels of blocks whose negpos is 1."""
-  n = grid[0] * grid[1]
-  neg = xp.asarray(negpos).astype(bool).reshape(n, 1, 1, 1)
-  return _blocks_to_image(xp.broadcast_to(neg, (n, block_size, block_size, 1)), grid, xp)
-
-
-_FIELDS = ("perm", "rotflip", "negpos", "chperm")
+_FIELDS = etc_np.FIELDS
 
 
 def _transform_jnp(x: jax.Array, s: Schedule, grid: tuple[int, int]) -> jax.Array:
@@ -448,66 +379,6 @@ def _kernel_branch(grid: tuple[int, int], block_size: int):
   return kernel
 
 
-# Above this many blocks the per-block host loop's Python overhead outweighs its faster
-# copies, and `_transform_np` uses one `np.take` over a cached index map instead.
-_HOST_LOOP_MAX_BLOCKS = 1024
-
-
-def _transform_np(x: np.ndarray, s: Schedule, grid: tuple[int, int]) -> np.ndarray:
-  """Host NumPy transform, bit-identical to `_transform_jnp`.
-
-  For up to `_HOST_LOOP_MAX_BLOCKS` blocks: one strided copy per (output block, channel),
-  each vectorised over the whole batch (inner loops run along a 16-pixel block row, not
-  along the 3 channels). Otherwise one `np.take` over the cached `source_index` map.
-  """
-  lead = x.shape[:-3]
-  rows, cols = grid
-  b = s.block_size
-  if rows * cols > _HOST_LOOP_MAX_BLOCKS:
-    return _transform_np_take(x, s, grid)
-  src = np.ascontiguousarray(x).reshape((-1, rows, b, cols, b, 3))
-  out = np.empty_like(src)
-  perm, rotflip, negpos, chperm = (np.asarray(getattr(s, f)).tolist()
-                                   for f in _FIELDS)
-  is_u8 = x.dtype == np.uint8
-  one = np.asarray(1, x.dtype)
-  for i, p in enumerate(perm):
-    blk = src[:, p // cols, :, p % cols]  # (M, B, B, 3) view
-    rf = rotflip[i]
-    if TRANSPOSE[rf]:
-      blk = blk.swapaxes(1, 2)
-    if REV_Y[rf]:
-      blk = blk[:, ::-1]
-    if REV_X[rf]:
-      blk = blk[:, :, ::-1]
-    dst = out[:, i // cols, :, i % cols]
-    for c, k in enumerate(PERMS3[chperm[i]].tolist()):
-      if not negpos[i]:
-        dst[..., c] = blk[..., k]
-      elif is_u8:
-        np.bitwise_xor(blk[..., k], np.uint8(255), out=dst[..., c])
-      else:
-        np.subtract(one, blk[..., k], out=dst[..., c])
-  return out.reshape(lead + x.shape[-3:])
-
-
-@functools.lru_cache(maxsize=16)
-def _host_maps(key: tuple) -> tuple[np.ndarray, np.ndarray]:
-  perm, rotflip, negpos, chperm, grid, b = key
-  a = lambda buf: np.frombuffer(buf, np.int64)
-  index = source_index(a(perm), a(rotflip), a(chperm), grid, b, xp=np).astype(np.intp)
-  return index, _negpos_map(a(negpos), grid, b, np)
-
-
-def _transform_np_take(x: np.ndarray, s: Schedule, grid: tuple[int, int]) -> np.ndarray:
-  """`_transform_np` for many small blocks: one `np.take` over the cached index map."""
-  key = tuple(np.ascontiguousarray(np.asarray(getattr(s, f)), np.int64).tobytes()
-              for f in _FIELDS) + (tuple(grid), s.block_size)
-  index, neg = _host_maps(key)
-  flat = np.ascontiguousarray(x).reshape(-1, index.shape[0])
-  out = np.take(flat, index, axis=1).reshape((-1,) + x.shape[-3:])
-  if x.dtype == np.uint8:
-    np.bitwise_xor(out, (neg * np.uint8(255)).astype(np.uint8), out=out)
-  else:
-    out = np.where(neg, np.asarray(1, x.dtype) - out, out).astype(x.dtype, copy=False)
-  return out.reshape(x.shape)
+# The host (NumPy) implementation lives in etcjax.etc_np, which imports no JAX.
+_HOST_LOOP_MAX_BLOCKS = etc_np.HOST_LOOP_MAX_BLOCKS
+_transform_np = etc_np.transform

@@ -257,17 +257,32 @@ class EtcKey:
     return KeyStream(self._bytes, domain)
 
   def schedule(self, height: int, width: int, block_size: int = 16):
-    """The EtC schedule (`etcjax.etc.Schedule`) of this key for one image geometry.
+    """The EtC schedule (`etcjax.etc.Schedule`, a JAX pytree) of this key for one geometry.
 
     Warns with `KeySpaceWarning` when the geometry's key space is below 128 bits.
     """
     from etcjax import etc  # etc imports jax; keep `import etcjax.keys` light.
 
-    rows, cols = _check_geometry(height, width, block_size)
     check_keyspace(height, width, block_size, stacklevel=3)
+    return etc.Schedule(**self._schedule_fields(height, width, block_size))
+
+  def host_schedule(self, height: int, width: int, block_size: int = 16):
+    """The same schedule as `schedule`, as an `etcjax.etc_np.HostSchedule` (NumPy only).
+
+    For host-side tools that must not import JAX (`etcjax.etc_np.encrypt`). Warns with
+    `KeySpaceWarning` when the geometry's key space is below 128 bits.
+    """
+    from etcjax import etc_np
+
+    check_keyspace(height, width, block_size, stacklevel=3)
+    return etc_np.HostSchedule(**self._schedule_fields(height, width, block_size))
+
+  def _schedule_fields(self, height: int, width: int, block_size: int) -> dict:
+    """The schedule's four int32 (n,) arrays, block size and grid (module doc)."""
+    rows, cols = _check_geometry(height, width, block_size)
     n = rows * cols
     d = etc_domain(height, width, block_size)
-    return etc.Schedule(
+    return dict(
         perm=self.stream(d + "/perm").permutation(n).astype(np.int32),
         rotflip=self.stream(d + "/rotflip").randbelow(8, n).astype(np.int32),
         negpos=self.stream(d + "/negpos").randbelow(2, n).astype(np.int32),
