@@ -83,7 +83,8 @@ class _QuietLibraries(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
+  """absl logging at INFO, without orbax's per-checkpoint chatter."""
   logging.set_verbosity(logging.INFO)
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
@@ -165,7 +166,7 @@ def _parse_or_exit(argv: list[str]) -> list[str]:
 
 def run_from_flags(flag_values: flags.FlagValues) -> dict[str, Any]:
   """Runs with parsed flags (`parse_flags`); returns the metrics document."""
-  _setup_logging()
+  setup_logging()
   from etcjax import xla_cpu
   # Before JAX starts its CPU client: its threads must not own arenas yet.
   if xla_cpu.keep_freed_memory():
