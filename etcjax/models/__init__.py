@@ -1,4 +1,5 @@
-"""Model registry: ViT, ConvMixer (the paper's isotropic networks) and a ResNet-18 baseline.
+"""Model registry: ViT, ConvMixer (the paper's isotropic networks), a ResNet-18 baseline and
+Shake-PyramidNet with or without an adaptation network (the older way, Table II).
 
   model = etcjax.models.create("ConvMixer-256_8", num_classes=10)
   x = etcjax.models.preprocess("ConvMixer-256_8")(images01)   # float [0, 1] -> model input
@@ -21,17 +22,19 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from etcjax.models import convmixer, resnet, vit
+from etcjax.models import convmixer, pyramidnet, resnet, vit
 
 _FAMILIES = (
     (vit.CONFIG_NAMES, vit),
     (tuple(convmixer.CONFIGS), convmixer),
     (tuple(resnet.CONFIGS), resnet),
+    (tuple(pyramidnet.CONFIGS), pyramidnet),
 )
 
 
 def names() -> list[str]:
-  """All registered model names, e.g. "ViT-B_16", "ConvMixer-256_8", "ResNet18-cifar"."""
+  """All registered model names, e.g. "ViT-B_16", "ConvMixer-256_8", "ResNet18-cifar",
+  "ShakePyramidNet-110_270-BlockAdapt"."""
   return [n for family_names, _ in _FAMILIES for n in family_names]
 
 
@@ -51,7 +54,8 @@ def create(name: str, num_classes: int, **overrides: Any) -> nn.Module:
     **overrides: module attributes replacing the named config's, e.g. `dtype="bfloat16"`,
       `dropout_rate=0.1`, `stochastic_depth=0.1`, `remat=True`, `scan=True`,
       `representation_size=768`, `attention_impl="flax"` (ViT); `depthwise_impl="conv"`,
-      `layout="NHWC"` (ConvMixer); `stem=...` (ResNet). Unknown attributes raise ValueError
+      `layout="NHWC"` (ConvMixer); `stem=...` (ResNet); `depth=...`, `alpha=...`,
+      `adaptation="blockwise"` (ShakePyramidNet). Unknown attributes raise ValueError
       naming them and the valid ones.
 
   Returns:
@@ -64,6 +68,9 @@ def create(name: str, num_classes: int, **overrides: Any) -> nn.Module:
   elif family is convmixer:
     fields = convmixer.get_config(name)
     cls = convmixer.ConvMixer
+  elif family is pyramidnet:
+    fields = dict(pyramidnet.CONFIGS[name])
+    cls = pyramidnet.ShakePyramidNet
   else:
     fields = dict(resnet.CONFIGS[name])
     cls = resnet.ResNet
