@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "etcjax.commands.owner",
     "etcjax.commands.train",
     "etcjax.commands.privacy",
+    "etcjax.commands.predict",
 )
 
 

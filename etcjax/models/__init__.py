@@ -22,10 +22,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from etcjax.models import convmixer, pyramidnet, resnet, vit
+from etcjax.models import adapt, convmixer, pyramidnet, resnet, vit
+from etcjax.models.adapt import adapt_to_key
 
 _FAMILIES = (
     (vit.CONFIG_NAMES, vit),
+    (adapt.CONFIG_NAMES, adapt),
     (tuple(convmixer.CONFIGS), convmixer),
     (tuple(resnet.CONFIGS), resnet),
     (tuple(pyramidnet.CONFIGS), pyramidnet),
@@ -62,6 +64,8 @@ def create(name: str, num_classes: int, **overrides: Any) -> nn.Module:
     An unbound `flax.linen.Module`.
   """
   family = _family(name)
+  if family is adapt:  # Key-adapted ViTs (`adapt_to_key`): one patch embedding per position.
+    return adapt.create(name, num_classes, **overrides)
   if family is vit:
     fields = dict(vit.get_config(name))
     cls = vit.VisionTransformer
@@ -92,4 +96,4 @@ def preprocess(name: str) -> Callable[[jax.Array], jax.Array]:
   return _family(name).normalize
 
 
-__all__ = ["create", "input_range", "names", "preprocess"]
+__all__ = ["adapt_to_key", "create", "input_range", "names", "preprocess"]
