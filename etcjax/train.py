@@ -620,7 +620,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _write_json(os.path.join(workdir, "metrics.json"), _metrics_doc(setup, history))
       if step % config.checkpoint_every_steps == 0 or step == total or preempted:
         meta = {"history": history, "model": config.model, "dataset": setup.dataset.name,
-                "step": step, **config_record(config, setup)}
+                "step": step, "class_names": list(setup.dataset.class_names),
+                **config_record(config, setup)}
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(meta)))
       if preempted:
