@@ -25,7 +25,7 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -278,43 +278,94 @@ class SizeRow:
     return {**asdict(self), "etc_overhead": self.etc_overhead}
 
 
-def size_table(images: Iterable[np.ndarray], schedules: Mapping[tuple[int, int], Any]
+def size_table(images: Iterable[np.ndarray | str], schedules: Mapping[tuple[int, int], Any]
                | None = None, key=None, block_size: int = 16,
                subsampling: str = "4:2:0", settings=TABLE_SETTINGS,
-               progress: bool = False) -> list[SizeRow]:
+               progress: bool = False, jobs: int | None = 1,
+               on_geometry: Callable[[int, int], None] | None = None) -> list[SizeRow]:
   """Total encoded bytes of plain vs EtC images for each setting (Table IV's shape).
 
   Args:
-    images: RGB uint8 (H, W, 3) images, H and W multiples of `block_size`.
+    images: RGB uint8 (H, W, 3) images, or paths of image files (read with `read_image`
+      in the workers), H and W multiples of `block_size`.
     key: `etcjax.keys.EtcKey` used for every image (one key per dataset, as in the
       paper); schedules are derived per geometry. Or pass `schedules` directly
       (`etcjax.etc.Schedule` or `etcjax.etc_np.HostSchedule`, concrete).
     settings: (label, format, quality) rows; format "raw" counts H * W * 3 bytes.
+    progress: a progress bar on a terminal (`etcjax.parallel`).
+    jobs: parallel workers (`etcjax.parallel.run_chunks`); None or 0: one per CPU. The
+      totals do not depend on it.
+    on_geometry: called once per image geometry (H, W), in this process.
+
+  Raises:
+    ValueError: an image that is not RGB uint8 or whose size is not a multiple of the
+      block size; `etcjax.errors.UserError` (naming the file) for such files.
   """
+  from etcjax import parallel
+
   if key is None and schedules is None:
     raise ValueError("size_table needs a key or schedules")
-  cache = dict(schedules or {})
-  totals = {label: [0, 0] for label, _, _ in settings}
   images = list(images)
-  it = images
-  if progress:
-    from tqdm import tqdm
+  job = _SizeJob(key, dict(schedules or {}), block_size, subsampling, tuple(settings))
+  totals = {label: [0, 0] for label, _, _ in settings}
+  seen: set = set()
 
-    it = tqdm(images, desc="compress-stats", unit="img", disable=None)
-  for img in it:
-    img = _check_image(img)
-    geom = img.shape[:2]
-    if geom not in cache:
-      with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # callers report key-space warnings themselves
-        cache[geom] = key.host_schedule(geom[0], geom[1], block_size)
-    enc = etc_np.encrypt(img, cache[geom])
-    for label, fmt, q in settings:
-      for j, im in enumerate((img, enc)):
-        n = im.size if fmt == "raw" else len(encode(im, fmt, quality=q or 85,
-                                                   subsampling=subsampling))
-        totals[label][j] += n
+  def add(results: list) -> None:
+    for h, w, sizes in results:
+      if on_geometry is not None and (h, w) not in seen:
+        seen.add((h, w))
+        on_geometry(h, w)
+      for (label, _, _), (p, e) in zip(settings, sizes, strict=True):
+        totals[label][0] += p
+        totals[label][1] += e
+
+  error = parallel.run_chunks(_size_chunk, images, job, jobs=jobs, on_results=add,
+                              desc="compress-stats", progress=progress)
+  if error is not None:
+    raise (UserError if isinstance(images[error.index], str) else ValueError)(error.message)
   return [SizeRow(label, *totals[label]) for label, _, _ in settings]
+
+
+@dataclass
+class _SizeJob:
+  """What `_size_chunk` needs (forked workers inherit it, key included)."""
+  key: Any
+  schedules: dict
+  block_size: int
+  subsampling: str
+  settings: tuple
+
+
+def _size_chunk(job: _SizeJob, chunk: list) -> tuple[list, Any]:
+  """[(H, W, [(plain bytes, EtC bytes) per setting])] for a chunk of images or paths."""
+  from etcjax import parallel
+
+  out = []
+  for i, item in enumerate(chunk):
+    try:
+      if isinstance(item, str):
+        img = read_image(item)
+        h, w = img.shape[:2]
+        b = job.block_size
+        if h % b or w % b:
+          raise UserError(f"{item}: size {h}x{w} is not a multiple of the block size {b}")
+      else:
+        img = _check_image(item)
+      geom = img.shape[:2]
+      if geom not in job.schedules:
+        with warnings.catch_warnings():
+          warnings.simplefilter("ignore")  # callers report key-space warnings themselves
+          job.schedules[geom] = job.key.host_schedule(geom[0], geom[1], job.block_size)
+      enc = etc_np.encrypt(img, job.schedules[geom])
+    except (UserError, ValueError) as e:
+      return out, parallel.ChunkError(i, str(e))
+    sizes = []
+    for _, fmt, q in job.settings:
+      sizes.append(tuple(im.size if fmt == "raw" else
+                         len(encode(im, fmt, quality=q or 85, subsampling=job.subsampling))
+                         for im in (img, enc)))
+    out.append((geom[0], geom[1], sizes))
+  return out, None
 
 
 def format_size_table(rows: list[SizeRow], num_images: int) -> str:

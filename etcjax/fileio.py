@@ -1,13 +1,15 @@
 """Atomic file output: a reader never sees a half-written file.
 
 Everything etcjax writes for a user (encrypted images, key files, manifests, reports)
-goes through `atomic_write`: the bytes go to a temporary file in the destination
-folder, which is renamed over the destination only once complete.
+goes through `atomic_write` or `write_bytes` / `write_text`: the bytes go to a temporary
+file (`.tmp-...`) in the destination folder, which is renamed over the destination only
+once complete.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -50,10 +52,69 @@ def _default_perms() -> int:
   return 0o666 & ~umask
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, perms: int | None = None) -> None:
-  """Writes `data` to `path` atomically."""
-  with atomic_write(path, "wb", perms=perms) as f:
-    f.write(data)
+_TMP_COUNTER = itertools.count()
+_OPEN_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_BINARY", 0))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, perms: int | None = None,
+                sync: bool = True) -> None:
+  """Writes `data` to `path` atomically (a temporary file renamed over `path`).
+
+  Args:
+    path: destination file. Its folder must exist.
+    data: the bytes.
+    perms: file mode bits; default 0o666 minus the umask.
+    sync: fsync the file before the rename, so that it is on disk once `path` exists.
+      Folder commands writing many files pass False and call `sync_filesystem` once
+      before writing the record of what they wrote (a per-file fsync costs more than
+      encoding a small image).
+
+  On any exception the temporary file is removed and `path` is left untouched.
+  """
+  path = os.fspath(path)
+  folder, name = os.path.split(path)
+  # pid and a counter make the name unique across processes and threads; O_EXCL refuses
+  # anything already there.
+  tmp = os.path.join(folder, f".tmp-{os.getpid()}-{next(_TMP_COUNTER)}-{name[-16:]}")
+  fd = os.open(tmp, _OPEN_FLAGS, 0o600 if perms is not None else 0o666)
+  try:
+    try:
+      if perms is not None:
+        os.fchmod(fd, perms)
+      view = memoryview(data)
+      while view:
+        view = view[os.write(fd, view):]
+      if sync:
+        os.fsync(fd)
+    finally:
+      os.close(fd)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(tmp)
+    raise
+
+
+def sync_filesystem(path: str | os.PathLike) -> None:
+  """Flushes every written file of the filesystem holding `path` to disk.
+
+  Linux `syncfs(2)` on that filesystem; elsewhere `os.sync()` (all filesystems).
+  """
+  try:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+      if libc.syncfs(fd) == 0:
+        return
+    finally:
+      os.close(fd)
+  except (OSError, AttributeError):
+    pass
+  if hasattr(os, "sync"):
+    os.sync()
 
 
 def write_text(path: str | os.PathLike, text: str, perms: int | None = None) -> None:

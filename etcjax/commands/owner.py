@@ -2,9 +2,11 @@
 
     etcjax keygen OUT [--force]
     etcjax encrypt --key K INPUTS... --out DIR [--block-size 16] [--format png|jpeg]
-                   [--quality 85] [--subsampling 4:2:0]
+                   [--quality 85] [--subsampling 4:2:0] [--jobs N]
     etcjax decrypt --key K INPUTS... --out DIR [--format png|jpeg] [--jpeg-decoder auto]
+                   [--jobs N]
     etcjax compress-stats [INPUTS...] [--key K] [--block-size 16] [--csv F] [--json F]
+                   [--jobs N]
 
 INPUTS are image files and folders (searched recursively for image files; the folder
 structure below each folder is kept in DIR). `encrypt` writes `etcjax-manifest.json` in
@@ -13,23 +15,33 @@ key); `decrypt` refuses images whose manifest names another key. Grey, palette a
 images are converted to RGB; images with alpha or more than 8 bits per channel, and sizes
 that are not multiples of the block size, are refused. Each output file is written to a
 temporary name and renamed when complete.
+
+Folders are processed in parallel (`etcjax.parallel`: forked worker processes, each
+reading, decoding, transforming a batch of same-sized images at once, encoding and writing
+a chunk of files; `--jobs`, default all CPUs). Outputs are the same bytes whatever the
+number of jobs. Every listed output is complete: after the last file, the filesystem is
+synced once and only then the manifest is written (also after an error, listing exactly
+the files written). An error names the bad file; nothing is written for files after it
+in the same chunk, and chunks not yet started are skipped. The transform is
+`etcjax.etc_np` (NumPy): nothing here imports JAX.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
+import dataclasses
 import io
 import json
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from etcjax import codec, etc, fileio, keys
+from etcjax import codec, etc_np, fileio, keys, parallel
 from etcjax.errors import KeyMismatchError, UserError
 
 MANIFEST_NAME = "etcjax-manifest.json"
@@ -59,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   p.add_argument("--block-size", type=int, default=16, help="EtC block size (default 16, "
                  "the JPEG 4:2:0 MCU)")
   _add_format_args(p, default_format="png")
+  _add_jobs_arg(p)
   p.set_defaults(func=cmd_encrypt)
 
   p = subparsers.add_parser(
@@ -75,6 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                  help="JPEG decoder for encrypted JPEG inputs: 'nofancy' (TensorFlow, no "
                  "chroma blending across blocks; best PSNR), 'pillow', or 'auto' (nofancy "
                  "if available)")
+  _add_jobs_arg(p)
   p.set_defaults(func=cmd_decrypt)
 
   p = subparsers.add_parser(
@@ -91,7 +105,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                  help="JPEG chroma subsampling (default 4:2:0)")
   p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
   p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+  _add_jobs_arg(p)
   p.set_defaults(func=cmd_compress_stats)
+
+
+def _add_jobs_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--jobs", type=int, default=0, metavar="N",
+                 help="parallel worker processes (default 0: one per CPU; 1: none); the "
+                 "outputs do not depend on it")
 
 
 def _add_key_args(p: argparse.ArgumentParser) -> None:
@@ -181,23 +202,6 @@ def _remove_if_empty(folder: str) -> None:
     os.rmdir(folder)
 
 
-def _write(dst: str, img: np.ndarray, args: argparse.Namespace) -> int:
-  try:
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    return codec.write_image(dst, img, args.format, quality=args.quality,
-                             subsampling=args.subsampling)
-  except OSError as e:
-    raise UserError(f"{dst}: cannot write ({e.strerror or e})") from None
-
-
-def _progress(iterable, total: int, desc: str):
-  from tqdm import tqdm
-
-  # disable=None: a bar on a terminal, silent in pipes and logs.
-  return tqdm(iterable, total=total, desc=desc, unit="img", disable=None if total > 1 else True,
-              file=sys.stderr)
-
-
 def _load_key(args: argparse.Namespace) -> keys.EtcKey:
   return keys.EtcKey.load(args.key, force=args.force_key)
 
@@ -255,17 +259,164 @@ def cmd_keygen(args: argparse.Namespace) -> int:
   return 0
 
 
-def _schedule(cache: dict, key: keys.EtcKey, h: int, w: int, b: int, src: str) -> etc.Schedule:
-  if (h, w) not in cache:
-    if h % b or w % b:
-      raise UserError(f"{src}: size {h}x{w} is not a multiple of the block size {b}; crop or "
-                      f"resize it (e.g. to {h - h % b or b}x{w - w % b or b}) first")
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore", keys.KeySpaceWarning)
-      cache[(h, w)] = key.schedule(h, w, b)
-    if keys.keyspace_bits(h, w, b) < keys.MIN_KEYSPACE_BITS:
-      _err("warning: " + keys.keyspace_message(h, w, b))
-  return cache[(h, w)]
+# Encrypt / decrypt: one task per file, run in chunks by `etcjax.parallel`.
+
+# A worker transforms, encodes and writes its decoded images once they take this many
+# bytes (or at the end of its chunk), so that chunks of large images stay small in memory.
+_FLUSH_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class Task:
+  """One file to transform: source path, output path, block size, output path in the manifest."""
+  src: str
+  dst: str
+  block_size: int
+  rel: str
+
+
+@dataclass
+class _Job:
+  """Everything a worker needs for one encrypt/decrypt run (forked workers inherit it).
+
+  `schedules` caches, per (H, W, B), the schedule to apply (the inverse for decryption).
+  """
+  key: keys.EtcKey
+  decrypt: bool
+  fmt: str
+  quality: int
+  subsampling: str
+  jpeg_decoder: str = "pillow"
+  schedules: dict = dataclasses.field(default_factory=dict)
+
+  def schedule(self, h: int, w: int, b: int) -> etc_np.HostSchedule:
+    s = self.schedules.get((h, w, b))
+    if s is None:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", keys.KeySpaceWarning)  # reported by the parent
+        s = self.key.host_schedule(h, w, b)
+      if self.decrypt:
+        s = s.inverse()
+      self.schedules[(h, w, b)] = s
+    return s
+
+
+def _check_multiple(src: str, h: int, w: int, b: int) -> None:
+  if h % b or w % b:
+    raise UserError(f"{src}: size {h}x{w} is not a multiple of the block size {b}; crop or "
+                    f"resize it (e.g. to {h - h % b or b}x{w - w % b or b}) first")
+
+
+def transform_files(job: _Job, chunk: Sequence[Task]
+                    ) -> tuple[list[tuple], parallel.ChunkError | None]:
+  """Reads, en- or decrypts, encodes and writes `chunk`'s files, in order.
+
+  Same-sized images are transformed as one (N, H, W, 3) uint8 batch (`etc_np.transform`:
+  a handful of NumPy calls per block, whatever N). Each output is written atomically
+  (`fileio.write_bytes`, no fsync: the command syncs the filesystem once at the end).
+  Stops at the first file that fails; the files before it are written.
+
+  Returns:
+    ([(rel, H, W, B, bytes written)] for the files written, None or the failure).
+  """
+  done: list[tuple] = []
+  pending: list[tuple[int, np.ndarray]] = []
+  nbytes = 0
+  for i, t in enumerate(chunk):
+    try:
+      img = codec.read_image(t.src, jpeg_decoder=job.jpeg_decoder)
+      _check_multiple(t.src, img.shape[0], img.shape[1], t.block_size)
+    except UserError as e:
+      return done, _flush(job, chunk, pending, done) or parallel.ChunkError(i, str(e))
+    pending.append((i, img))
+    nbytes += img.nbytes
+    if nbytes >= _FLUSH_BYTES:
+      error = _flush(job, chunk, pending, done)
+      if error is not None:
+        return done, error
+      pending, nbytes = [], 0
+  return done, _flush(job, chunk, pending, done)
+
+
+def _flush(job: _Job, chunk: Sequence[Task], pending: list[tuple[int, np.ndarray]],
+           done: list[tuple]) -> parallel.ChunkError | None:
+  """Transforms `pending` (batched by geometry), encodes and writes it in order."""
+  groups: dict[tuple[int, int, int], list[int]] = {}
+  for j, (i, img) in enumerate(pending):
+    groups.setdefault((img.shape[0], img.shape[1], chunk[i].block_size), []).append(j)
+  out: list = [None] * len(pending)
+  for (h, w, b), members in groups.items():
+    batch = np.stack([pending[j][1] for j in members])
+    res = etc_np.transform(batch, job.schedule(h, w, b), (h // b, w // b))
+    for k, j in enumerate(members):
+      out[j] = res[k]
+  for (i, img), enc in zip(pending, out, strict=True):
+    t = chunk[i]
+    try:
+      data = codec.encode(enc, job.fmt, quality=job.quality, subsampling=job.subsampling)
+      fileio.write_bytes(t.dst, data, sync=False)
+    except OSError as e:
+      return parallel.ChunkError(i, f"{t.dst}: cannot write ({e.strerror or e})")
+    done.append((t.rel, img.shape[0], img.shape[1], t.block_size, len(data)))
+  return None
+
+
+def _make_sub_dirs(out_dir: str, tasks: Sequence[Task]) -> list[str]:
+  """Creates the output sub-folders; returns those this call created (parents first)."""
+  made = []
+  for d in sorted({os.path.dirname(t.dst) for t in tasks} - {out_dir}):
+    missing = []
+    p = d
+    while p and p != out_dir and not os.path.isdir(p):
+      missing.append(p)
+      p = os.path.dirname(p)
+    try:
+      os.makedirs(d, exist_ok=True)
+    except OSError as e:
+      raise UserError(f"{d}: cannot create folder ({e.strerror or e})") from None
+    made.extend(reversed(missing))
+  return made
+
+
+def _run(job: _Job, tasks: list[Task], out_dir: str, created: bool, jobs: int,
+         on_results, finish, desc: str) -> None:
+  """Runs `tasks`; then syncs and calls `finish(ok)` (also after a failure), cleans up."""
+  made = _make_sub_dirs(out_dir, tasks)
+  ok = False
+  wrote = [False]
+
+  def record(results: list) -> None:
+    wrote[0] = True
+    on_results(results)
+
+  try:
+    error = parallel.run_chunks(transform_files, tasks, job, jobs=jobs, on_results=record,
+                                desc=desc)
+    if error is not None:
+      raise UserError(error.message)
+    ok = True
+  finally:
+    if wrote[0]:
+      fileio.sync_filesystem(out_dir)  # every output is on disk before its record
+    finish(ok)
+    if not ok:
+      for d in reversed(made):
+        _remove_if_empty(d)
+      if created:
+        _remove_if_empty(out_dir)
+
+
+class _GeometryNotes:
+  """Prints the key-space warning once per image geometry (parent process only)."""
+
+  def __init__(self):
+    self.seen: set = set()
+
+  def __call__(self, h: int, w: int, b: int) -> None:
+    if (h, w, b) not in self.seen:
+      self.seen.add((h, w, b))
+      if keys.keyspace_bits(h, w, b) < keys.MIN_KEYSPACE_BITS:
+        _err("warning: " + keys.keyspace_message(h, w, b))
 
 
 def cmd_encrypt(args: argparse.Namespace) -> int:
@@ -274,36 +425,40 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
     raise UserError(f"--block-size must be >= 1, got {b}")
   if not 1 <= args.quality <= 100:
     raise UserError(f"--quality must be in 1..100, got {args.quality}")
+  jobs = parallel.resolve_jobs(args.jobs)
   if args.format == "jpeg" and b % 16:
     _err(f"warning: JPEG 4:2:0 MCUs are 16x16; block size {b} lets them straddle EtC blocks, "
          "which costs file size and quality")
   key = _load_key(args)
   items = collect_inputs(args.inputs)
+  plan = _plan_outputs(items, args.out, args.format)
   created = _make_out_dir(args.out)
   manifest = read_manifest(args.out)
   files: dict[str, dict] = {}
   if manifest is not None:
     if manifest["fingerprint"] != key.fingerprint or manifest["block_size"] != b:
+      if created:
+        _remove_if_empty(args.out)
       raise UserError(f"{args.out} already holds images encrypted with key "
                       f"{manifest['fingerprint']} and block size {manifest['block_size']}; "
                       "choose another --out")
     files = dict(manifest["files"])
-  plan = _plan_outputs(items, args.out, args.format)
-  cache: dict = {}
-  try:
-    for it, dst in _progress(plan, len(plan), "encrypt"):
-      img = codec.read_image(it.src)
-      h, w = img.shape[:2]
-      out = etc.encrypt(img, _schedule(cache, key, h, w, b, it.src))
-      nbytes = _write(dst, out, args)
-      files[os.path.relpath(dst, args.out)] = {"height": h, "width": w, "format": args.format,
-                                                "bytes": nbytes}
-  finally:
+  tasks = [Task(it.src, dst, b, os.path.relpath(dst, args.out)) for it, dst in plan]
+  notes = _GeometryNotes()
+
+  def record(results: list) -> None:
+    for rel, h, w, bs, nbytes in results:
+      notes(h, w, bs)
+      files[rel] = {"height": h, "width": w, "format": args.format, "bytes": nbytes}
+
+  def finish(ok: bool) -> None:
     # Also after an error, so the folder describes exactly the files it holds.
     if files:
       write_manifest(args.out, key, b, args, files)
-    elif created:
-      _remove_if_empty(args.out)
+
+  job = _Job(key, decrypt=False, fmt=args.format, quality=args.quality,
+             subsampling=args.subsampling)
+  _run(job, tasks, args.out, created and manifest is None, jobs, record, finish, "encrypt")
   print(f"encrypted {len(plan)} image(s) into {args.out} with key {key.fingerprint}, "
         f"block size {b}")
   return 0
@@ -326,40 +481,57 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     raise UserError(f"--block-size must be >= 1, got {args.block_size}")
   if not 1 <= args.quality <= 100:
     raise UserError(f"--quality must be in 1..100, got {args.quality}")
+  jobs = parallel.resolve_jobs(args.jobs)
   key = _load_key(args)
   items = collect_inputs(args.inputs)
+  plan = _plan_outputs(items, args.out, args.format)
+  tasks = _decrypt_tasks(args, key, plan)  # checks every manifest before any output
+  if args.jpeg_decoder != "pillow" and any(t.src.lower().endswith((".jpg", ".jpeg"))
+                                           for t in tasks):
+    # TensorFlow decodes these ("nofancy"): load it once, here. With it loaded,
+    # etcjax.parallel runs worker threads (sharing it) instead of forking processes that
+    # would each import it.
+    codec.nofancy_available()
+  created = _make_out_dir(args.out)
+  notes = _GeometryNotes()
+
+  def record(results: list) -> None:
+    for _, h, w, bs, _ in results:
+      notes(h, w, bs)
+
+  job = _Job(key, decrypt=True, fmt=args.format, quality=args.quality,
+             subsampling=args.subsampling, jpeg_decoder=args.jpeg_decoder)
+  _run(job, tasks, args.out, created, jobs, record, lambda ok: None, "decrypt")
+  print(f"decrypted {len(plan)} image(s) into {args.out}")
+  return 0
+
+
+def _decrypt_tasks(args: argparse.Namespace, key: keys.EtcKey,
+                   plan: list[tuple[Item, str]]) -> list[Task]:
+  """The block size of every input from its manifest; refuses manifests of other keys."""
   # A folder input's manifest lives at its top; a file's next to it (or in a parent
   # folder when the file sits in a sub-folder of an encrypted tree).
   tops = {}
   for inp in args.inputs:
     if os.path.isdir(inp):
       tops[os.path.abspath(inp)] = read_manifest(inp)
-  created = _make_out_dir(args.out)
-  try:
-    _decrypt_all(args, key, items, tops)
-  except BaseException:
-    if created:
-      _remove_if_empty(args.out)
-    raise
-  return 0
-
-
-def _decrypt_all(args: argparse.Namespace, key: keys.EtcKey, items: list[Item],
-                 tops: dict) -> None:
-  plan = _plan_outputs(items, args.out, args.format)
   mcache: dict = {}
-  scache: dict = {}
+  checked: set = set()
   warned_missing = False
-  for it, dst in _progress(plan, len(plan), "decrypt"):
+  tasks = []
+  for it, dst in plan:
     doc, folder = None, None
+    src = os.path.abspath(it.src)
     for top, tdoc in tops.items():
-      if tdoc is not None and os.path.abspath(it.src).startswith(top + os.sep):
+      if tdoc is not None and src.startswith(top + os.sep):
         doc, folder = tdoc, top
         break
     if folder is None:
       doc, folder = _manifest_for(it.src, mcache)
     if doc is not None:
-      _check_manifest_key(doc, folder, key, args.key)
+      if folder not in checked:
+        _check_manifest_key(doc, folder, key, args.key)
+        checked.add(folder)
       b = int(doc["block_size"])
       if args.block_size is not None and args.block_size != b:
         raise UserError(f"--block-size {args.block_size} contradicts the manifest in {folder} "
@@ -370,38 +542,33 @@ def _decrypt_all(args: argparse.Namespace, key: keys.EtcKey, items: list[Item],
         _err(f"warning: no {MANIFEST_NAME} next to {it.src}: cannot check the key; assuming "
              f"block size {b}")
         warned_missing = True
-    img = codec.read_image(it.src, jpeg_decoder=args.jpeg_decoder)
-    h, w = img.shape[:2]
-    _write(dst, etc.decrypt(img, _schedule(scache, key, h, w, b, it.src)), args)
-  print(f"decrypted {len(plan)} image(s) into {args.out}")
+    tasks.append(Task(it.src, dst, b, os.path.relpath(dst, args.out)))
+  return tasks
 
 
 def cmd_compress_stats(args: argparse.Namespace) -> int:
-  from etcjax import samples
-
   b = args.block_size
+  if b < 1:
+    raise UserError(f"--block-size must be >= 1, got {b}")
+  jobs = parallel.resolve_jobs(args.jobs)
   if args.key:
     key = keys.EtcKey.load(args.key, force=args.force_key)
   else:
     key = keys.EtcKey.generate()
   if args.inputs:
-    imgs = {}
-    for it in collect_inputs(args.inputs):
-      img = codec.read_image(it.src)
-      h, w = img.shape[:2]
-      if h % b or w % b:
-        raise UserError(f"{it.src}: size {h}x{w} is not a multiple of the block size {b}")
-      imgs[it.src] = img
+    images: list = [it.src for it in collect_inputs(args.inputs)]
   else:
-    imgs = samples.load_all(multiple=b)
-  for h, w in sorted({im.shape[:2] for im in imgs.values()}):
-    if keys.keyspace_bits(h, w, b) < keys.MIN_KEYSPACE_BITS:
-      _err("warning: " + keys.keyspace_message(h, w, b))
-  rows = codec.size_table(imgs.values(), key=key, block_size=b, subsampling=args.subsampling,
-                          progress=True)
-  print(codec.format_size_table(rows, len(imgs)))
+    from etcjax import samples
+
+    images = list(samples.load_all(multiple=b).values())
+  notes = _GeometryNotes()
+  rows = codec.size_table(images, key=key, block_size=b, subsampling=args.subsampling,
+                          progress=True, jobs=jobs, on_geometry=lambda h, w: notes(h, w, b))
+  print(codec.format_size_table(rows, len(images)))
   print(f"key {key.fingerprint}, block size {b}, JPEG subsampling {args.subsampling}")
   if args.csv:
+    import csv
+
     buf = io.StringIO()
     wr = csv.writer(buf)
     wr.writerow(["setting", "plain_bytes", "etc_bytes", "etc_overhead"])
@@ -409,7 +576,7 @@ def cmd_compress_stats(args: argparse.Namespace) -> int:
       wr.writerow([r.setting, r.plain_bytes, r.etc_bytes, f"{r.etc_overhead:.6f}"])
     _write_text(args.csv, buf.getvalue())
   if args.json:
-    doc = {"num_images": len(imgs), "block_size": b, "subsampling": args.subsampling,
+    doc = {"num_images": len(images), "block_size": b, "subsampling": args.subsampling,
            "key_fingerprint": key.fingerprint, "rows": [r.as_dict() for r in rows]}
     _write_text(args.json, json.dumps(doc, indent=1) + "\n")
   return 0

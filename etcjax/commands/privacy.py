@@ -26,24 +26,30 @@ import sys
 
 import numpy as np
 
-from etcjax import codec, fileio, keys, metrics
-from etcjax.attacks import itn, photos
+from etcjax import codec, fileio, keys
 from etcjax.errors import UserError
+
+# Choices and defaults for the parser, spelled out here so that building the parser (and
+# `etcjax --help`) does not import JAX and the attacks; tests/test_cli_startup.py checks
+# they equal etcjax.attacks.run's ATTACKS / SCHEMES / FR_MODES, the report's attack labels
+# and itn.TrainConfig.steps.
+SCHEMES = ("etc", "le", "ele", "pe")
+ATTACKS = ("fr", "jigsaw", "kpa", "itn", "gan")
+FR_MODES = ("basic", "advanced")
+REPORT_ATTACK_LABELS = ("fr-basic", "fr-advanced", "gan", "itn", "jigsaw", "kpa")
+DEFAULT_ATTACK_STEPS = 600
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-  from etcjax.attacks import run as attack_run
-  from etcjax.privacy_report import REPORT_ATTACKS, attack_label
-
   p = subparsers.add_parser(
       "attack", help="encrypt images and attack them; score what leaks",
       description="Encrypts PLAIN images with a scheme, attacks the encrypted images and "
       "writes the reconstructions with SSIM/PSNR against the plain images.")
   p.add_argument("inputs", nargs="+", metavar="INPUTS", help="plain image files or folders")
-  p.add_argument("--scheme", required=True, choices=attack_run.SCHEMES)
-  p.add_argument("--attack", required=True, choices=attack_run.ATTACKS)
+  p.add_argument("--scheme", required=True, choices=SCHEMES)
+  p.add_argument("--attack", required=True, choices=ATTACKS)
   p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-  p.add_argument("--fr-mode", choices=attack_run.FR_MODES, default="basic",
+  p.add_argument("--fr-mode", choices=FR_MODES, default="basic",
                  help="FR-Attack variant (default basic)")
   p.add_argument("--jigsaw-states", choices=("all", "perm-only"), default="all",
                  help="block states the jigsaw solver searches (default all 96)")
@@ -58,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
   p.add_argument("inputs", nargs="*", metavar="INPUTS",
                  help="plain image files or folders (default: bundled photos)")
   p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-  labels = [attack_label(a, m) for a, m in REPORT_ATTACKS]
+  labels = REPORT_ATTACK_LABELS
   p.add_argument("--attacks", default=",".join(labels),
                  help=f"comma-separated subset of {','.join(labels)} (default all)")
   p.add_argument("--lpips-weights", metavar="FILE",
@@ -68,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser, default_size: int | None = None,
-                default_steps: int = itn.TrainConfig.steps) -> None:
+                default_steps: int = DEFAULT_ATTACK_STEPS) -> None:
   group = p.add_mutually_exclusive_group(required=default_size is None)
   group.add_argument("--key", metavar="K", help="key file from `etcjax keygen`")
   group.add_argument("--random-key", action="store_true",
@@ -94,6 +100,7 @@ def _key(args: argparse.Namespace) -> keys.EtcKey:
 
 
 def _load_images(inputs: list[str], size: int | None) -> tuple[np.ndarray, list[str]]:
+  from etcjax.attacks import photos
   from etcjax.commands.owner import collect_inputs
 
   if size is not None and size < 1:
@@ -115,6 +122,8 @@ def _load_images(inputs: list[str], size: int | None) -> tuple[np.ndarray, list[
 
 
 def _check_geometry(args: argparse.Namespace, h: int, w: int, scheme: str | None) -> None:
+  from etcjax import metrics
+
   for name, b in (("--block-size", args.block_size), ("--le-block-size", args.le_block_size)):
     if b < 1:
       raise UserError(f"{name} must be positive, got {b}")
@@ -153,6 +162,7 @@ def _log(step: int, losses: dict) -> None:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+  from etcjax.attacks import itn
   from etcjax.attacks import run as attack_run
   from etcjax.privacy_report import _mean, _scores
 
@@ -198,6 +208,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+  from etcjax.attacks import itn, photos
   from etcjax.privacy_report import (
       REPORT_ATTACKS,
       ReportConfig,
