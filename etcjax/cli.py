@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "etcjax.commands.train",
     "etcjax.commands.privacy",
     "etcjax.commands.predict",
+    "etcjax.commands.reproduce",
 )
 
 

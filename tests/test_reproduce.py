@@ -206,3 +206,11 @@ def test_reduced_budgets_change_plain_and_encrypted_rows_alike(tmp_path):
   assert gpu.model == "ConvMixer-256_8" and not gpu.model_overrides.to_dict()
   assert gpu.num_train_steps == 6 * (50_000 // 128) and gpu.dtype == "bfloat16"
   assert isinstance(reproduce.row_config(by_id["vit-etc"], "paper", **kw), str)
+
+
+def test_etcjax_reproduce_command(tmp_path, capsys):
+  from etcjax import cli
+  assert cli.main(["reproduce", "--data", str(tmp_path / "nope"), "--out",
+                   str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == [f"etcjax: error: --data {tmp_path / 'nope'}: no such folder"]
