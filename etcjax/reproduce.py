@@ -129,7 +129,7 @@ _SMOKE_MODELS = {
     "vit": ("ViT-tiny-test", {}, "ViT-tiny-test"),
 }
 # Epochs of the reduced budgets (ViT: steps, as in the paper's fine-tuning).
-_EPOCHS = {"cpu": 8, "gpu": 6}
+_EPOCHS = {"cpu": 8, "gpu": 3}
 _VIT_STEPS = {"cpu": (100, 200), "gpu": (500, 1000), "smoke": (3, 3)}
 _SHAKEDROP_MODELS = {
     # budget -> (plain model, adaptation model for le / ele / etc); registered by
@@ -579,7 +579,7 @@ BUDGET_NOTES = {
             "encrypted rows of a model are reduced alike, so the drop from plain to "
             "encrypted is comparable within a model; absolute accuracies are far below the "
             "paper's 300-epoch figures."),
-    "gpu": ("Budget `gpu`: the real ConvMixer-256/8 (and ResNet-18) for 6 epochs at batch "
+    "gpu": ("Budget `gpu`: the real ConvMixer-256/8 (and ResNet-18) for 3 epochs at batch "
             "128 in bfloat16, short-schedule augmentation as in `cpu`."),
     "smoke": "Budget `smoke`: a few steps of tiny models; checks the harness, not the paper.",
     "paper": "Budget `paper`: the paper's recipes (`etcjax.config`, `configs/`).",

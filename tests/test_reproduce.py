@@ -204,7 +204,7 @@ def test_reduced_budgets_change_plain_and_encrypted_rows_alike(tmp_path):
   assert paper.mixup_alpha == paper.cutmix_alpha == 0.5
   gpu = reproduce.row_config(by_id["convmixer-etc"], "gpu", **kw)
   assert gpu.model == "ConvMixer-256_8" and not gpu.model_overrides.to_dict()
-  assert gpu.num_train_steps == 6 * (50_000 // 128) and gpu.dtype == "bfloat16"
+  assert gpu.num_train_steps == 3 * (50_000 // 128) and gpu.dtype == "bfloat16"
   assert isinstance(reproduce.row_config(by_id["vit-etc"], "paper", **kw), str)
 
 
