@@ -1,24 +1,21 @@
 """Settings that make training on XLA:CPU fast: the host allocator and compiler options.
 
-Both were found by profiling a ConvMixer-256/8 training step (batch 64, 2-core AMD EPYC);
-`benchmarks/bench_models.py` measures them against PyTorch.
+Both were found by profiling a ConvMixer-256/8 training step on CPU;
+`benchmarks/bench_models.py` measures them against PyTorch, and docs/performance.md has the
+measured step times with their date, commit and machine.
 
 Host allocator (on by default where JAX will run on the CPU). XLA:CPU allocates a step's
-intermediate buffers in one block (4.3 GiB for a ConvMixer-256/8 step at batch 64) with
-`malloc` at every execution and frees it at the end. glibc serves allocations over 32 MiB
-with fresh `mmap` pages and unmaps them on `free`, so every step page-faults and
-zero-fills its whole working set again (1.5M faults, 5 s of system CPU per ConvMixer step
-on the development VM). `keep_freed_memory()` makes glibc keep and reuse freed memory
-instead: no `mmap` per allocation (`M_MMAP_MAX` 0), no trimming (`M_TRIM_THRESHOLD` -1)
+intermediate buffers in one block (several GiB for a ConvMixer-256/8 step at batch 64)
+with `malloc` at every execution and frees it at the end. glibc serves allocations over
+32 MiB with fresh `mmap` pages and unmaps them on `free`, so every step page-faults and
+zero-fills its whole working set again. `keep_freed_memory()` makes glibc keep and reuse
+freed memory instead: no `mmap` per allocation (`M_MMAP_MAX` 0), no trimming (`M_TRIM_THRESHOLD` -1)
 and one arena (`M_ARENA_MAX` 1, so that threads share the reused heap), and it runs CPU
 computations synchronously (`jax_cpu_enable_async_dispatch` off): with asynchronous
 dispatch the next step's block is allocated while the previous one is still being freed,
-and the reused heap grew to 2-3 working sets (6.8 GiB resident became 19.2 GiB). With
-both, the ConvMixer-256/8 step took 2.9 s instead of 5.5 s and ViT-S/16 (batch 8) 1.40 s
-instead of 1.78 s, at the default's resident memory; the host input pipeline stayed
-thousands of times faster than the model step (in-memory 32x32 batches 80-100k img/s
-instead of 110k, 224x224 36k instead of 14-17k, JPEG decoding 2.9-3.9k instead of
-2.7-3.3k).
+and the reused heap grows to several working sets. With both, the model steps are faster at
+the default's resident memory, and the host input pipeline stays far faster than the model
+step (figures in docs/performance.md).
 
 The price: the process keeps its peak host memory until it exits, and every thread
 allocates from one arena. So it applies by default only where JAX will compute on the CPU
@@ -30,8 +27,8 @@ arena keep it, and the dispatch mode is fixed when JAX creates its CPU client). 
 (Linux); elsewhere it does nothing.
 
 Compiler options. XLA:CPU vectorises loops for 256-bit registers by default; on AVX-512
-machines 512-bit vectors made the ConvMixer step's elementwise, shifted-sum and reduction
-loops faster (the whole step 8.6 s -> 6.9 s). `compiler_options()` returns the options for
+machines 512-bit vectors make the ConvMixer step's elementwise, shifted-sum and reduction
+loops faster (docs/performance.md). `compiler_options()` returns the options for
 `jax.jit(..., compiler_options=...)`; LLVM caps the width at what the CPU has, so they are
 safe everywhere, and they are empty off CPU.
 """

@@ -10,10 +10,8 @@ Architecture (the paper's PyTorch definition):
 GELU is exact (erf), BatchNorm uses PyTorch's defaults (momentum 0.1, i.e. Flax momentum
 0.9; epsilon 1e-5), and weights start from PyTorch's default Conv2d / Linear
 initialisation (uniform +-1/sqrt(fan_in) for kernels and biases) so that training recipes
-carry over. GELU is `activations.gelu`, whose backward pass keeps only its input: autodiff
-of `jax.nn.gelu` kept two more full-size intermediates per call, 2.1 GiB of a 6.4 GiB
-ConvMixer-256/8 step at batch 64, written and read back every step (step 5.7 s -> 4.6 s,
-and 2.86 s -> 2.63 s with the opt-in allocator set-up).
+carry over. GELU is `activations.gelu`, whose backward pass keeps only its input (autodiff
+of `jax.nn.gelu` keeps two more full-size intermediates per call).
 
 Parameters: `patch_embed/{kernel (p, p, 3, dim), bias}`, `patch_norm/{scale, bias}`,
 `mixer_{i}/depthwise/{kernel (k, k, 1, dim), bias}` (Flax's grouped-conv layout),
@@ -43,11 +41,9 @@ rounding, forward and gradients):
   whose hand-written backward pass keeps XLA from fusing a transpose into the GELU /
   BatchNorm code (a third of the step before).
 
-With `etcjax.xla_cpu.compiler_options()` (the training steps use them) the ConvMixer-256/8
-training step at batch 64 on a 2-core machine went from 10.8 s ("shift" before the other
-changes) to 6.5 s with "shift" and 5.5 s with "ffi" (both with the lean GELU), and to 2.9 s
-with "ffi" and the opt-in allocator set-up there (README, "Benchmarks"). The custom
-backward passes make "ffi" and "shift" reverse-mode only (`jax.jvp` needs "conv" or
+The training steps compile with `etcjax.xla_cpu.compiler_options()`. Measured step times
+of each formulation, with their date, commit and machine, are in docs/performance.md. The
+custom backward passes make "ffi" and "shift" reverse-mode only (`jax.jvp` needs "conv" or
 "shift_scan").
 """
 
@@ -262,8 +258,8 @@ def pointwise_cnhw(x: Array, kernel: Array) -> Array:
   The forward pass and the input gradient are single matmuls over the contiguous NHW axis.
   The kernel gradient contracts NHW in both operands, so XLA:CPU's canonical matmul needs
   one of them transposed; left to itself it fuses that transpose into the elementwise
-  GELU / BatchNorm code that produces the operand, and runs that code in transposed order
-  (~200 ms instead of ~20 ms per layer at batch 64, a third of a ConvMixer-256/8 step).
+  GELU / BatchNorm code that produces the operand, and runs that code in transposed order,
+  which made it many times slower (docs/performance.md).
   The backward pass below materialises the output gradient first (an optimisation
   barrier) and transposes it on its own. Same math as `jnp.einsum("io,inhw->onhw", ...)`
   (tested, forward and gradients).

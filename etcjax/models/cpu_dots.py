@@ -4,15 +4,15 @@ XLA:CPU runs a dot with YNNPACK (its fast matmul library) only when the left ope
 contracted over its minor (last) axis. The weight gradient of `y = x @ w` is `x^T @ dy`,
 contracted over the batch axis, which is major in both operands; so is the key / value
 gradient of attention, `p^T @ dy`. XLA:CPU then either runs the dot with Eigen, which packs
-the transposed operand itself, or transposes the wider of the two operands. In a ViT-S/16
-training step (batch 8, 224x224) Eigen's packing alone took about 6 % of the time.
+the transposed operand itself, or transposes the wider of the two operands; in a ViT-S/16
+training step that packing is a visible share of the time.
 
 The custom VJPs here write every backward dot in the layout YNNPACK takes, transposing the
 narrower operand explicitly; `lax.optimization_barrier` stops XLA's algebraic simplifier from
 folding those transposes back into the dots. They compute the same function and, up to float
-rounding, the same gradients as autodiff (tests/test_cpu_dots.py). Measured with
-`benchmarks/bench_models.py` on a 2-core AMD EPYC: `matmul` in the MLP and `attention`
-took 5-9 % off a ViT-S/16 training step, `heads_projections` another 2-6 %.
+rounding, the same gradients as autodiff (tests/test_cpu_dots.py). What they save is
+measured with `benchmarks/bench_models.py` (`--mlp auto,dense --attention auto,fused`);
+the figures, with date, commit and machine, are in docs/performance.md.
 On GPUs and TPUs, whose matmuls take transposed operands for free, the explicit transposes
 would only cost, so the models use them on CPU only (`vit.resolve_mlp_impl`,
 `vit.resolve_attention_impl`).
