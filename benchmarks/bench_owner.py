@@ -46,6 +46,10 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PY = sys.executable
 EXTS = (".png", ".jpg", ".jpeg")
+# The code measured here: "+dirty" is added to the commit when any of it is modified.
+OWNER_SOURCES = ("etcjax/cli.py", "etcjax/commands/owner.py", "etcjax/parallel.py",
+                 "etcjax/etc_np.py", "etcjax/codec.py", "etcjax/fileio.py", "etcjax/keys.py",
+                 "benchmarks/bench_owner.py")
 
 
 def naive_loop(src_dir: str, dst_dir: str, limit: int | None) -> int:
@@ -111,7 +115,7 @@ def commit() -> str:
   def git(*a):
     return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
   head = git("rev-parse", "--short", "HEAD")
-  dirty = git("status", "--porcelain", "--untracked-files=no", "--", "etcjax", "benchmarks")
+  dirty = git("status", "--porcelain", "--", *OWNER_SOURCES)
   return head + ("+dirty" if dirty else "")
 
 
