@@ -23,9 +23,10 @@ that start-up is included:
   and what importing JAX and loading the kernel costs a fresh process.
 
 Writes the raw figures as JSON (--out; default
-benchmarks/results/bench_owner_cpu_<date>.json) with date, commit and machine. Wall
-times on a shared machine vary with its load; the load average is recorded before and
-after.
+benchmarks/results/bench_owner_cpu_<date>.json) with date, commit and machine: wall
+times (and files/s) and the CPU seconds of each run (user + sys of all its processes).
+Wall times on a shared machine vary with its load (the load average is recorded before
+and after); CPU per file does much less.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import glob
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -82,12 +84,21 @@ def linked_subset(folder: str, limit: int, dst: str) -> str:
   return dst
 
 
-def timed(cmd: list[str], env: dict | None = None) -> float:
+CPU_S: dict[str, list[float]] = {}
+
+
+def timed(cmd: list[str], env: dict | None = None, label: str | None = None) -> float:
+  """Wall seconds of a command; its CPU seconds (user + sys, workers included) go to CPU_S."""
+  r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
   t0 = time.perf_counter()
   r = subprocess.run(cmd, capture_output=True, text=True, env=env)
   dt = time.perf_counter() - t0
+  r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
   if r.returncode != 0:
     raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-2000:]}")
+  if label:
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    CPU_S.setdefault(label, []).append(round(cpu, 3))
   return dt
 
 
@@ -254,12 +265,13 @@ def main() -> None:
       for name, make in candidates.items():
         o = os.path.join(tmp, f"{name}_{r}")
         e = dict(env, ETCJAX_POOL="thread") if name.endswith("_thread") else env
-        times[name].append(timed(make(o), e))
+        times[name].append(timed(make(o), e, name))
         print(f"  round {r} {name}: {times[name][-1]:.2f} s", flush=True)
         shutil.rmtree(o)
     o = os.path.join(tmp, "dec_auto")
-    times[f"decrypt_jobs{j}_process_auto_decoder"] = [
-        timed(etcjax_cmd("decrypt", *dec, encrypted, "--out", o, "--jobs", j), env)]
+    name = f"decrypt_jobs{j}_auto_decoder"
+    times[name] = [timed(etcjax_cmd("decrypt", *dec, encrypted, "--out", o, "--jobs", j), env,
+                         name)]
     shutil.rmtree(o)
     # The parallel outputs are the bytes of the one-worker outputs.
     for name in ("encrypt_jobs1", f"encrypt_jobs{j}_process"):
@@ -271,13 +283,20 @@ def main() -> None:
     doc["parallel_output_identical_to_jobs1"] = same
     stats_src = linked_subset(args.folder, args.stats_limit, os.path.join(tmp, "stats_src"))
     for jj in ("1", j):
-      times[f"compress_stats_{args.stats_limit}_jobs{jj}"] = [
-          timed(etcjax_cmd("compress-stats", stats_src, "--key", key, "--jobs", jj), env)]
+      name = f"compress_stats_{args.stats_limit}_jobs{jj}"
+      times[name] = [timed(etcjax_cmd("compress-stats", stats_src, "--key", key, "--jobs", jj),
+                           env, name)]
   best = {k: min(v) for k, v in times.items()}
   doc["wall_s"] = times
   doc["best_s"] = best
   doc["img_per_s"] = {k: round((args.stats_limit if k.startswith("compress") else n) / v, 1)
                       for k, v in best.items()}
+  # CPU seconds per file (all processes of a run): what one core spends per file, which
+  # a loaded machine does not distort the way it distorts wall times.
+  doc["cpu_s"] = CPU_S
+  doc["cpu_us_per_img"] = {
+      k: round(min(v) / (args.stats_limit if k.startswith("compress") else n) * 1e6, 1)
+      for k, v in CPU_S.items()}
   doc["speedup_vs_naive_loop"] = {
       k: round(best[f"naive_loop_{k.split('_')[0]}_side"] / v, 2)
       for k, v in best.items() if k.startswith(("encrypt", "decrypt"))}
@@ -288,7 +307,8 @@ def main() -> None:
   with open(out_path, "w") as f:
     json.dump(doc, f, indent=1)
     f.write("\n")
-  print(json.dumps({k: doc[k] for k in ("img_per_s", "speedup_vs_naive_loop", "startup",
+  print(json.dumps({k: doc[k] for k in ("img_per_s", "speedup_vs_naive_loop", "cpu_us_per_img",
+                                         "startup",
                                          "transform", "parallel_output_identical_to_jobs1",
                                          "loadavg_after")}, indent=1))
   print(f"wrote {out_path}")

@@ -361,9 +361,8 @@ def _flush(job: _Job, chunk: Sequence[Task], pending: list[tuple[int, np.ndarray
   return None
 
 
-def _make_sub_dirs(out_dir: str, tasks: Sequence[Task]) -> list[str]:
-  """Creates the output sub-folders; returns those this call created (parents first)."""
-  made = []
+def _make_sub_dirs(out_dir: str, tasks: Sequence[Task], made: list[str]) -> None:
+  """Creates the output sub-folders; appends those it created to `made` (parents first)."""
   for d in sorted({os.path.dirname(t.dst) for t in tasks} - {out_dir}):
     missing = []
     p = d
@@ -375,13 +374,12 @@ def _make_sub_dirs(out_dir: str, tasks: Sequence[Task]) -> list[str]:
     except OSError as e:
       raise UserError(f"{d}: cannot create folder ({e.strerror or e})") from None
     made.extend(reversed(missing))
-  return made
 
 
 def _run(job: _Job, tasks: list[Task], out_dir: str, created: bool, jobs: int,
          on_results, finish, desc: str) -> None:
   """Runs `tasks`; then syncs and calls `finish(ok)` (also after a failure), cleans up."""
-  made = _make_sub_dirs(out_dir, tasks)
+  made: list[str] = []
   ok = False
   wrote = [False]
 
@@ -390,6 +388,7 @@ def _run(job: _Job, tasks: list[Task], out_dir: str, created: bool, jobs: int,
     on_results(results)
 
   try:
+    _make_sub_dirs(out_dir, tasks, made)
     error = parallel.run_chunks(transform_files, tasks, job, jobs=jobs, on_results=record,
                                 desc=desc)
     if error is not None:
