@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -130,14 +131,18 @@ class Run:
     return models.create(self.config.model, len(self.class_names), **overrides)
 
 
-def load_run(workdir: str) -> Run:
+def load_run(workdir: str, variables: bool = True) -> Run:
   """Reads the latest checkpoint of `workdir`: metadata, config and model variables.
+
+  Args:
+    workdir: the run folder.
+    variables: also restore the model variables (False: metadata only, cheap; call
+      `restore_variables` later).
 
   Raises:
     UserError: no such run, no checkpoint, or unreadable metadata.
   """
   import ml_collections
-  import orbax.checkpoint as ocp
 
   from etcjax import train
   if "://" not in workdir and not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -151,16 +156,31 @@ def load_run(workdir: str) -> Run:
   if not isinstance(meta, dict) or "config" not in meta:
     raise UserError(f"{workdir}: checkpoint {step} has no run metadata")
   config = ml_collections.ConfigDict(meta["config"])
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  run = Run(workdir=workdir, step=int(step), meta=meta, config=config, variables={},
+            class_names=tuple(str(c) for c in meta.get("class_names") or ()))
+  if variables:
+    restore_variables(run, manager)
+  return run
+
+
+def restore_variables(run: Run, manager: Any = None) -> Run:
+  """Restores `run.variables` (NumPy leaves) and, for older runs, its class names."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  from etcjax import train
+  manager = manager or train.checkpoint_manager(run.workdir)
+  restored = manager.restore(run.step,
+                             args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   state = restored["state"]
   get = (lambda k: state[k]) if isinstance(state, dict) else (lambda k: getattr(state, k))
-  import jax
   params = jax.tree.map(np.asarray, get("params"))
   batch_stats = jax.tree.map(np.asarray, get("batch_stats") or {})
-  variables = {"params": params, "batch_stats": batch_stats} if batch_stats else \
+  run.variables = {"params": params, "batch_stats": batch_stats} if batch_stats else \
       {"params": params}
-  return Run(workdir=workdir, step=int(step), meta=meta, config=config, variables=variables,
-             class_names=_class_names(meta, config, params))
+  if not run.class_names:
+    run.class_names = _class_names(run.meta, run.config, params)
+  return run
 
 
 def _class_names(meta: dict, config: Any, params: dict) -> tuple[str, ...]:
@@ -298,21 +318,10 @@ def predict_probabilities(run: Run, images: list[np.ndarray], batch_size: int = 
     batch_size: images per jitted call (the last batch is padded: one compile per shape).
   """
   import jax
-  import jax.numpy as jnp
-
-  from etcjax import models
-  from etcjax.data import augment
-  model = run.model()
-  preprocess = models.preprocess(run.config.model)
-  size = int(run.config.image_size)
+  overrides = json.dumps(run.config.model_overrides.to_dict(), sort_keys=True)
+  probs = _probabilities_fn(run.config.model, len(run.class_names), str(run.config.dtype),
+                            overrides, int(run.config.image_size))
   variables = jax.device_put(run.variables)
-
-  @jax.jit
-  def probs(variables, batch):
-    x = augment.resize(batch.astype(jnp.float32) / 255.0, size)
-    logits = model.apply(variables, preprocess(x), train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
   out = np.zeros((len(images), len(run.class_names)), np.float32)
   groups: dict[tuple, list[int]] = {}
   for i, im in enumerate(images):
@@ -327,6 +336,27 @@ def predict_probabilities(run: Run, images: list[np.ndarray], batch_size: int = 
       bar.update(len(chunk))
   bar.close()
   return out
+
+
+@functools.lru_cache(maxsize=8)
+def _probabilities_fn(name: str, num_classes: int, dtype: str, overrides: str, size: int):
+  """The jitted (variables, uint8 batch) -> softmax probabilities of one model (cached, so
+  repeated predictions in one process compile once)."""
+  import jax
+  import jax.numpy as jnp
+
+  from etcjax import models
+  from etcjax.data import augment
+  model = models.create(name, num_classes, dtype=dtype, **json.loads(overrides))
+  preprocess = models.preprocess(name)
+
+  @jax.jit
+  def probs(variables, batch):
+    x = augment.resize(batch.astype(jnp.float32) / 255.0, size)
+    logits = model.apply(variables, preprocess(x), train=False)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+  return probs
 
 
 def _progress(total: int, enabled: bool):
@@ -347,7 +377,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     raise UserError(f"--out {args.out}: folder {out_dir} does not exist")
   paths = [it.src for it in owner.collect_inputs(args.inputs)
            if os.path.basename(it.src) != owner.MANIFEST_NAME]
-  run = load_run(args.workdir)
+  run = load_run(args.workdir, variables=False)  # Inputs are checked before the weights load.
   if run.encryption == "etc":
     items = check_etc_inputs(run, paths)
   elif run.encryption == "none":
@@ -356,6 +386,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     raise UserError(f"{args.workdir} was trained on {run.encryption!r}-encrypted images; "
                     f"predict reads plain images or EtC files written by `etcjax encrypt`")
   images = [_decode(it, run) for it in items]
+  restore_variables(run)
   probs = predict_probabilities(run, images, args.batch_size)
   k = min(args.top_k, probs.shape[1])
   top = np.argsort(-probs, axis=1, kind="stable")[:, :k]

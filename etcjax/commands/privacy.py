@@ -3,6 +3,8 @@
     etcjax attack --scheme etc|le|ele|pe --attack fr|jigsaw|kpa|itn|gan INPUTS...
                   (--key K | --random-key) --out DIR [--size N] [--block-size 16]
                   [--fr-mode basic|advanced] [--steps N]
+    etcjax attack --scheme etc --attack model-leak --adapted RUN --plain RUN --key K
+                  --out DIR [--noise 0,0.1,0.5,1,2]
     etcjax privacy-report [INPUTS...] --out DIR [--key K | --random-key] [--size 128]
                   [--attacks fr-basic,fr-advanced,gan,itn,jigsaw,kpa] [--steps N]
 
@@ -38,6 +40,8 @@ ATTACKS = ("fr", "jigsaw", "kpa", "itn", "gan")
 FR_MODES = ("basic", "advanced")
 REPORT_ATTACK_LABELS = ("fr-basic", "fr-advanced", "gan", "itn", "jigsaw", "kpa")
 DEFAULT_ATTACK_STEPS = 600
+# Attacks on models rather than images (`etcjax.attacks.model_leak`; no INPUTS).
+MODEL_ATTACKS = ("model-leak",)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,9 +49,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
       "attack", help="encrypt images and attack them; score what leaks",
       description="Encrypts PLAIN images with a scheme, attacks the encrypted images and "
       "writes the reconstructions with SSIM/PSNR against the plain images.")
-  p.add_argument("inputs", nargs="+", metavar="INPUTS", help="plain image files or folders")
+  p.add_argument("inputs", nargs="*", metavar="INPUTS", help="plain image files or folders")
   p.add_argument("--scheme", required=True, choices=SCHEMES)
-  p.add_argument("--attack", required=True, choices=ATTACKS)
+  p.add_argument("--attack", required=True, choices=ATTACKS + MODEL_ATTACKS,
+                 help="model-leak: read the key out of a key-adapted ViT (--adapted) and its "
+                 "plain weights (--plain); takes no INPUTS")
+  p.add_argument("--adapted", metavar="RUN", help="model-leak: a run `etcjax adapt` wrote")
+  p.add_argument("--plain", metavar="RUN", help="model-leak: the plain run it came from")
+  p.add_argument("--noise", default="0,0.1,0.5,1,2",
+                 help="model-leak: relative weight-noise levels standing in for fine-tuning "
+                 "(default 0,0.1,0.5,1,2)")
   p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
   p.add_argument("--fr-mode", choices=FR_MODES, default="basic",
                  help="FR-Attack variant (default basic)")
@@ -166,6 +177,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
   from etcjax.attacks import run as attack_run
   from etcjax.privacy_report import _mean, _scores
 
+  if args.attack in MODEL_ATTACKS:
+    from etcjax.commands.predict import cmd_model_leak
+    return cmd_model_leak(args)
+  if not args.inputs:
+    raise UserError(f"--attack {args.attack} needs INPUTS (plain image files or folders)")
   images, names = _load_images(args.inputs, args.size)
   n, h, w, _ = images.shape
   _check_geometry(args, h, w, args.scheme)
