@@ -318,3 +318,45 @@ def demo_recipe(tokens: set[str]) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 2
     c.num_eval_examples = 32
   return c
+
+
+def shakedrop_recipe(tokens: set[str], train_examples: int) -> ml_collections.ConfigDict:
+  """Madono et al.'s CIFAR training of (adaptation network +) Shake-PyramidNet-110.
+
+  The reference (MADONOKOUKI/Block-wise-Scrambled-Image-Recognition, `archive/
+  proposed_cifar10_{plain,LE,EtC}.py`): SGD with Nesterov momentum 0.9, lr 0.1, weight
+  decay 5e-4, batch 512, lr x 0.1 at epochs 150 and 225, 300 epochs (305 in its README);
+  random crops (padding 4) and horizontal flips of the plain image, encryption after that;
+  loss cross-entropy + 1e-3 L_U + 0.1 L_s (`etcjax.models.adaptnet`). Here, with what the
+  trainer offers: SGD momentum 0.9 (not Nesterov), cosine decay from 0.1 without warm-up
+  (not steps), weight decay on kernels only, random resized crops (scale >= 0.75) and
+  flips before encryption, the penalties inside the model. Tokens: "le", "ele", "etc"
+  (block 4, model "ShakePyramidNet-110_270-BlockAdapt"; none of them: plain images and
+  "ShakePyramidNet-110_270"), "jpegNN".
+  """
+  c = base_config()
+  schemes = {"le", "ele", "etc"} & tokens
+  if len(schemes) > 1:
+    raise UserError(f"choose one encryption of {', '.join(sorted(schemes))}")
+  c.encryption = schemes.pop() if schemes else "none"
+  c.block_size = 4
+  c.model = "ShakePyramidNet-110_270" if c.encryption == "none" else \
+      "ShakePyramidNet-110_270-BlockAdapt"
+  c.optimizer = "sgd"
+  c.momentum = 0.9
+  c.learning_rate = 0.1
+  c.weight_decay = 5e-4
+  c.schedule = "warmup_cosine"
+  c.warmup_steps = 0
+  c.grad_clip_norm = 0.0
+  c.batch_size = 512
+  c.num_train_steps = 300 * train_examples // 512
+  c.augment = "flip_crop"
+  c.crop_scale_min = 0.75
+  c.log_every_steps = 100
+  c.eval_every_steps = 2000
+  c.checkpoint_every_steps = 2000
+  for t in tokens:
+    if t.startswith("jpeg"):
+      c.jpeg_quality = int(t[4:])
+  return c

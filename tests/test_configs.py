@@ -31,10 +31,14 @@ SETUPS = [
     ("convmixer_cifar10", "etc,jpeg80"),
     ("convmixer_imagenette", "plain"), ("convmixer_imagenette", "etc"),
     ("resnet18_cifar10", "plain"), ("resnet18_cifar10", "etc"), ("resnet18_cifar10", "pe"),
+    ("shakedrop_cifar10", "plain"), ("shakedrop_cifar10", "ele"),
+    ("shakedrop_cifar10", "etc,jpeg80"),
     ("demo", "plain"), ("demo", "etc"), ("demo", "etc,resnet"), ("demo", "etc,tiny"),
 ]
 TINY_MODELS = {"ViT": "ViT-tiny-test", "ConvMixer": "ConvMixer-tiny-test",
-               "ResNet": "ResNet-tiny-test"}
+               "ResNet": "ResNet-tiny-test",
+               "ShakePyramidNet-110_270-BlockAdapt": "ShakePyramidNet-tiny-test-BlockAdapt",
+               "ShakePyramidNet": "ShakePyramidNet-tiny-test"}
 
 
 def load_module(name: str):
@@ -53,8 +57,9 @@ def test_config_validates(name, arg):
   config = load_module(name).get_config(arg)
   config_lib.validate(config)
   assert ("etc" in arg) == (config.encryption == "etc")
-  if config.encryption != "none":
-    # The paper's EtC recipe: no plain-image augmentation.
+  if config.encryption != "none" and name != "shakedrop_cifar10":
+    # The paper's EtC recipe: no plain-image augmentation. (Madono et al.'s adaptation
+    # networks, the ShakeDrop rows, train on crops and flips encrypted afterwards.)
     assert config.augment == "none"
 
 
