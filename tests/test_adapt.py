@@ -121,6 +121,9 @@ def test_model_leak_recovers_the_schedule(shared):
     # Decrypting with the recovered schedule gives the plain images back.
     x = np.random.default_rng(seed).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     np.testing.assert_array_equal(etc.decrypt(etc.encrypt(x, truth), rec.schedule), x)
+    # Without the plain weights: every block's state relative to block 0's.
+    rel = model_leak.relative_states(adapted["params"])
+    assert model_leak.score_relative(rel, truth) == 1.0
     # Small "fine-tuning" noise changes nothing; noise far above the weights' spread does.
     noisy = model_leak.perturb(adapted["params"], 0.3, seed=seed)
     assert model_leak.score(model_leak.recover(noisy, variables["params"], truth.grid).schedule,

@@ -13,7 +13,11 @@ embeddings are the plain ones permuted by the block permutation. So (`recover`):
     squared distance (Hungarian algorithm).
 
 With both exact the recovered schedule decrypts every image of that geometry, which is what
-the secret key protects (the 32-byte key itself is not needed). Fine-tuning after
+the secret key protects (the 32-byte key itself is not needed). Without the plain weights
+the adapted kernels still give every block's state relative to block 0's
+(`relative_states`): 96 guesses for all block states; the permutation is then hidden only
+by how hard it is to order the position embeddings (learned ones are smooth over the grid:
+not measured here). Fine-tuning after
 adaptation moves the weights; `perturb` adds Gaussian noise of a given size relative to
 each weight tensor's spread to measure how much of the key still comes back. Only block
 size = patch size is covered (the setting of the adaptation's papers).
@@ -124,6 +128,32 @@ def recover(adapted_params: Mapping[str, Any], plain_params: Mapping[str, Any],
                           chperm=blockstates.STATE_CHPERM[best].astype(np.int32),
                           block_size=p, grid=(rows, cols))
   return Recovery(schedule=schedule, state_margin=margin)
+
+
+def relative_states(adapted_params: Mapping[str, Any]) -> np.ndarray:
+  """Without the plain weights: each block's state relative to block 0's, `(n,)` int.
+
+  Adapted kernel q is the plain kernel under state g_q, so it is adapted kernel 0 under
+  g_q g_0^-1 (`blockstates.COMPOSE`): comparing the adapted kernels with each other gives
+  every block's state up to one unknown global state, i.e. 96 guesses for all of them.
+  `rel[q]` satisfies `COMPOSE[rel[q], g_0] == g_q`.
+  """
+  k = np.asarray(adapted_params["embedding"]["kernel"], np.float64)
+  if k.ndim == 4:  # block-shared key: one kernel, every relative state is the identity
+    return np.zeros(1, np.int64)
+  cands = _state_kernels(k[0])
+  a = k.reshape(k.shape[0], -1)
+  dist = np.sum(a * a, 1)[:, None] - 2.0 * a @ cands.T + np.sum(cands * cands, 1)[None, :]
+  return np.argmin(dist, axis=1)
+
+
+def score_relative(rel: np.ndarray, truth: etc.Schedule) -> float:
+  """Fraction of blocks whose state `relative_states` gives right once block 0's is known."""
+  g = blockstates.state_index(np.asarray(truth.rotflip), np.asarray(truth.negpos),
+                              np.asarray(truth.chperm))
+  if rel.shape[0] != g.shape[0]:
+    rel = np.broadcast_to(rel[:1], g.shape)
+  return float(np.mean(blockstates.COMPOSE[rel, g[0]] == g))
 
 
 def score(recovered: etc.Schedule, truth: etc.Schedule) -> dict[str, Any]:

@@ -562,13 +562,16 @@ def cmd_model_leak(args: argparse.Namespace) -> int:
       rec = model_leak.recover(params, plain.variables["params"], truth.grid)
     except ValueError as e:
       raise UserError(f"{args.adapted} and {args.plain} do not fit together: {e}") from None
+    relative = model_leak.score_relative(model_leak.relative_states(params), truth)
     results.append({"noise": level, **model_leak.score(rec.schedule, truth),
-                    "min_state_margin": float(np.min(rec.state_margin))})
+                    "min_state_margin": float(np.min(rec.state_margin)),
+                    "relative_state_fraction_without_plain": relative})
     r = results[-1]
     print(f"model-leak, weight noise {level:g}x: {r['block_fraction']:.1%} of blocks fully "
           f"recovered (perm {r['perm_fraction']:.1%}, rotflip {r['rotflip_fraction']:.1%}, "
           f"negpos {r['negpos_fraction']:.1%}, chperm {r['chperm_fraction']:.1%})"
-          f"{'; exact key schedule' if r['exact'] else ''}")
+          f"{'; exact key schedule' if r['exact'] else ''}; without the plain weights, "
+          f"{relative:.1%} of block states up to one global state")
   summary = {"attack": "model-leak", "scheme": "etc", "key_fingerprint": key.fingerprint,
              "adapted": {"workdir": args.adapted, "model": adapted.config.model,
                          "step": adapted.step},
