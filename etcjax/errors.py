@@ -13,3 +13,7 @@ class UserError(Exception):
 
 class KeyMismatchError(UserError):
   """Data or a checkpoint was made with a different key (fingerprints differ)."""
+
+
+class TrainingDivergedError(UserError):
+  """The training loss or gradient norm became NaN or infinite (`etcjax.train`)."""

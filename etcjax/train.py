@@ -21,10 +21,12 @@ Parallelism: `jax.jit` over a 1-D mesh with axis "data"; the train state is repl
 process's share with `jax.make_array_from_process_local_data`. The same code runs on one
 CPU, one GPU, 8 fake CPU devices and multi-host TPU pods.
 
-Exact resume: the data order and each step's PRNG key are pure functions of
-`(seed, step)` (`etcjax.data.pipeline.TrainOrder`, `jax.random.fold_in`), so a run
-restarted from its last orbax checkpoint replays exactly the steps an uninterrupted run
-takes and ends with bit-identical parameters (CPU).
+Exact resume: the global batch and each step's PRNG key are pure functions of
+`(seed, step)` (`etcjax.data.pipeline.TrainOrder`, `jax.random.fold_in`), whatever the
+number of processes and devices, so a run restarted from its last orbax checkpoint (on
+the same or another slice) replays exactly the steps an uninterrupted run takes; on the
+same layout it ends with bit-identical parameters (CPU), on another one equal up to the
+order of float sums.
 
 Outputs in `workdir`: `checkpoints/` (orbax; state + run metadata incl. the key
 fingerprint), TensorBoard event files, `config.json` (at start) and `metrics.json`
@@ -57,7 +59,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from etcjax import config as config_lib
 from etcjax import fileio, models, preemption, xla_cpu
 from etcjax.data import augment, pipeline, sources
-from etcjax.errors import KeyMismatchError, UserError
+from etcjax.errors import KeyMismatchError, TrainingDivergedError, UserError
 
 # --------------------------------------------------------------------------------------
 # State, optimiser, mesh.
@@ -214,9 +216,13 @@ def build(config: ml_collections.ConfigDict, *, train: bool = True) -> Setup:
                     f"`etcjax encrypt` instead (set config.jpeg_quality=0)")
   key = _load_key(config) if config.key_file else None
 
-  data = sources.load(config.dataset, size, shard=(jax.process_index(), n_proc),
+  # Every process holds the whole train split, so that the global batch of a step is the
+  # same whatever the number of processes (`etcjax.data.pipeline`); evaluation takes
+  # every n-th example on process i.
+  data = sources.load(config.dataset, size, shard=(0, 1),
                       data_dir=config.data_dir, train=train, cache_dir=config.data_cache_dir)
-  train_images, eval_images, cipher = data.train, data.eval, None
+  train_images, cipher = data.train, None
+  eval_images = pipeline.shard_of(data.eval, jax.process_index(), n_proc)
   scheme, fingerprint = config.encryption, key.fingerprint if key else None
   if kind == "encrypted":
     info = data.encrypted
@@ -553,16 +559,50 @@ def _format_duration(seconds: float) -> str:
   return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
+class _FiniteCheck:
+  """Stops a run whose loss or gradient norm turns NaN / inf, naming the step."""
+
+  def __init__(self, start_step: int):
+    self.next_step = start_step + 1  # The step of the next metrics to check.
+    self.last_finite: tuple[int, float] | None = None
+
+  def check(self, metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checks consecutive steps' metrics (host values); returns them.
+
+    Raises:
+      TrainingDivergedError: a step's `train_loss` or `grad_norm` is not finite.
+    """
+    for m in metrics:
+      loss, norm = float(m["train_loss"]), float(m["grad_norm"])
+      if not (math.isfinite(loss) and math.isfinite(norm)):
+        last = (f"last finite loss {self.last_finite[1]:.6g} at step {self.last_finite[0]}"
+                if self.last_finite else "no finite loss since this run (re)started")
+        raise TrainingDivergedError(
+            f"training diverged: loss {loss}, gradient norm {norm} at step {self.next_step} "
+            f"({last}); the checkpoints are all from before it. Lower "
+            f"config.learning_rate (or set config.grad_clip_norm), check the data, then "
+            f"resume or start again")
+      self.last_finite = (self.next_step, loss)
+      self.next_step += 1
+    return metrics
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, saves.
 
   Returns:
     The final metrics document (also written to `workdir/metrics.json`).
+
+  Raises:
+    UserError: bad config, data or key (before any output), an unreadable checkpoint.
+    KeyMismatchError: `workdir` holds checkpoints of differently encrypted data.
+    TrainingDivergedError: the loss became NaN / inf; the checkpoints hold the steps
+      before it.
   """
   setup = build(config)  # Bad data / key / model settings fail here, before any output.
   _makedirs(workdir)
-  logging.info("data: %s, %d train / %d eval examples on process %d; images seen as %s",
-               setup.dataset.name, len(setup.train_images), len(setup.eval_images),
+  logging.info("data: %s, %d train examples, %d eval examples on process %d; images seen "
+               "as %s", setup.dataset.name, len(setup.train_images), len(setup.eval_images),
                jax.process_index(), setup.scheme if setup.scheme == "none"
                else f"{setup.scheme} (key fingerprint {setup.key_fingerprint})")
   tx = make_optimizer(config)
@@ -583,13 +623,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                 just_logging=jax.process_index() > 0)
   total = config.num_train_steps
   start = int(state.step)
-  order = pipeline.TrainOrder(len(setup.train_images),
-                              config.batch_size // jax.process_count(), config.seed,
-                              jax.process_index())
+  # The global batch of each step, of which this process loads its devices' rows.
+  order = pipeline.TrainOrder(len(setup.train_images), config.batch_size, config.seed)
+  rows = pipeline.process_rows(setup.mesh, config.batch_size)
   batches = pipeline.prefetch(
-      pipeline.train_batches(setup.train_images, order, start, total),
+      pipeline.train_batches(setup.train_images, order, start, total, rows),
       lambda b: pipeline.to_global(b, setup.mesh))
+  # Per-step metrics: on device until the next log / eval / checkpoint step, then on host
+  # (checked for NaN / inf) until the next log step.
   pending: list[dict[str, jax.Array]] = []
+  fetched: list[dict[str, Any]] = []
+  finite = _FiniteCheck(start)
   last_train_loss = None
   t_log, step_log = time.perf_counter(), start
   # SIGTERM (a preemption notice) -> every host saves at the same step and stops early.
@@ -600,10 +644,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, metrics = train_step(state, next(batches), setup.cipher)
       pending.append(metrics)
       preempted = watch.reached(step) and step < total  # Asked every step, on every host.
-      if step % config.log_every_steps == 0 or step == total:
-        fetched = jax.device_get(pending)
+      log_now = step % config.log_every_steps == 0 or step == total
+      eval_now = step % config.eval_every_steps == 0 or step == total
+      save_now = step % config.checkpoint_every_steps == 0 or step == total or preempted
+      if log_now or eval_now or save_now:
+        # Before anything is logged, evaluated or saved: a diverged run stops here, with
+        # its last checkpoint from before the divergence.
+        fetched += finite.check(jax.device_get(pending))
         pending = []
+      if log_now:
         summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        fetched = []
         elapsed = max(time.perf_counter() - t_log, 1e-9)  # Includes evals and compiles.
         summary["steps_per_sec"] = (step - step_log) / elapsed
         summary["images_per_sec"] = summary["steps_per_sec"] * config.batch_size
@@ -613,12 +664,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("step %d/%d (%.0f%%), %.1f images/s, ETA %s", step, total,
                      100 * step / total, summary["images_per_sec"],
                      _format_duration((total - step) / summary["steps_per_sec"]))
-      if step % config.eval_every_steps == 0 or step == total:
+      if eval_now:
         result = run_eval(setup, state, eval_step)
         writer.write_scalars(step, result)
         history.append({"step": step, "train_loss": last_train_loss, **result})
         _write_json(os.path.join(workdir, "metrics.json"), _metrics_doc(setup, history))
-      if step % config.checkpoint_every_steps == 0 or step == total or preempted:
+      if save_now:
         meta = {"history": history, "model": config.model, "dataset": setup.dataset.name,
                 "step": step, "class_names": list(setup.dataset.class_names),
                 **config_record(config, setup)}
@@ -649,12 +700,31 @@ def restore_checkpoint(manager: ocp.CheckpointManager, setup: Setup, workdir: st
   latest = manager.latest_step()
   if latest is None:
     raise UserError(f"{workdir} holds no checkpoint (expected {workdir}/checkpoints/<step>)")
-  meta = restore_meta(manager, latest)
+  try:
+    meta = restore_meta(manager, latest)
+  except Exception as e:  # orbax / tensorstore / json raise many types for damaged files.
+    raise _unreadable_checkpoint(manager, latest, e) from e
+  if not isinstance(meta, dict):
+    raise _unreadable_checkpoint(manager, latest, ValueError("its metadata is not a dict"))
   check_data_identity(meta, setup, workdir)
   target = abstract_state(setup, make_optimizer(setup.config))
-  state = manager.restore(latest, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))["state"]
+  try:
+    state = manager.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  except Exception as e:
+    raise _unreadable_checkpoint(manager, latest, e) from e
   return state, meta
+
+
+def _unreadable_checkpoint(manager: ocp.CheckpointManager, step: int, error: Exception
+                           ) -> UserError:
+  """A one-line error for a checkpoint that orbax cannot restore."""
+  folder = os.path.join(str(manager.directory), str(step))
+  detail = " ".join(f"{type(error).__name__}: {error}".split())
+  return UserError(f"cannot restore the checkpoint {folder} ({detail[:300]}): it is damaged "
+                   f"or incomplete, or holds a model / optimizer state of other settings than "
+                   f"this config; move it away to resume from the checkpoint before it, or use "
+                   f"another workdir")
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

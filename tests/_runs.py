@@ -19,11 +19,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A config small enough to compile in seconds: full-batch training (batch = all 16
-# training images) with a constant learning rate and no augmentation, so every step
-# sees the same set of examples however they are split over processes and devices.
-# Losses and parameters are then equal (up to float rounding) for any process layout,
-# and the number of steps does not change what each step does.
+# A config small enough to compile in seconds, on data where the order of examples matters:
+# 21 training images (an odd count) in batches of 4, so each epoch has 5.25 batches and
+# batches straddle epochs; random crops, flips and mixup / CutMix, so each example's
+# augmentation randomness matters too; 9 test images, split 5 / 4 over two processes.
+# A run must give the same batches and the same random draws for any process / device
+# layout; losses and parameters then differ only by the order of float sums.
 CONFIG = '''\
 from etcjax import config as config_lib
 
@@ -39,25 +40,33 @@ def get_config(arg=None):
   c.optimizer = "adamw"
   c.schedule = "constant"
   c.learning_rate = 0.01
-  c.batch_size = 16
+  c.batch_size = 4
+  c.augment = "flip_crop"
+  c.mixup_alpha = 0.5
+  c.cutmix_alpha = 0.5
   c.num_train_steps = 4
   c.log_every_steps = 1
   c.eval_every_steps = 1000
   c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 10
   return c
 '''
 
+# Training / test images per class (3 classes) of `make_run_files`.
+RUN_TRAIN_PER_CLASS, RUN_TEST_PER_CLASS = 7, 3
+
 
 def make_run_files(tmp: Path) -> Path:
-  """Writes a 2-class image folder (16 train, 8 test images), a key and CONFIG under
+  """Writes a 3-class image folder (21 train, 9 test images), a key and CONFIG under
   `tmp`; returns the config file's path."""
   from PIL import Image
 
   from etcjax.data.sources import digits_arrays
   from etcjax.keys import EtcKey
   xtr, ytr, xte, yte = digits_arrays()
-  for split, x, y, n in (("train", xtr, ytr, 8), ("test", xte, yte, 4)):
-    for c in (0, 1):
+  for split, x, y, n in (("train", xtr, ytr, RUN_TRAIN_PER_CLASS),
+                         ("test", xte, yte, RUN_TEST_PER_CLASS)):
+    for c in (0, 1, 2):
       folder = tmp / "data" / split / str(c)
       folder.mkdir(parents=True)
       for j, i in enumerate(np.flatnonzero(y == c)[:n]):

@@ -15,7 +15,7 @@ import pytest
 
 from etcjax import config as config_lib
 from etcjax import train
-from etcjax.errors import KeyMismatchError, UserError
+from etcjax.errors import KeyMismatchError, TrainingDivergedError, UserError
 from etcjax.keys import EtcKey
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +117,25 @@ def test_evaluate_with_another_key_is_a_key_mismatch(etc_run, tmp_path):
     train.train_and_evaluate(wrong, str(workdir))
 
 
+def test_damaged_checkpoint_is_a_one_line_error(etc_run, tmp_path):
+  """Files of the latest checkpoint cut short (a disk fault): a UserError naming the
+  folder and what to do, not an orbax traceback; the checkpoint before it still works."""
+  import shutil
+  config, workdir, _ = etc_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  damaged = copy / "checkpoints" / "5"
+  for f in (damaged / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  with pytest.raises(UserError, match=f"cannot restore the checkpoint {damaged} .*move it "
+                     "away to resume from the checkpoint before it") as e:
+    train.evaluate(config, str(copy))
+  assert "\n" not in str(e.value)
+  shutil.move(damaged, tmp_path / "5.damaged")
+  assert train.evaluate(config, str(copy))["step"] == 4
+
+
 def test_evaluate_without_checkpoint(tmp_path):
   with pytest.raises(UserError, match="no checkpoint"):
     train.evaluate(tiny_config(), str(tmp_path))
@@ -155,22 +174,64 @@ def test_resume_after_interruption_is_exact(etc_run, tmp_path, monkeypatch):
   assert again["history"] == result["history"]
 
 
+def test_nan_loss_stops_the_run_before_saving_it(tmp_path, monkeypatch):
+  """A loss turning NaN at step 3 stops the run at the next check with a one-line error
+  naming the step and the last finite loss; the checkpoint of step 2 stays the latest."""
+  real = train.make_train_step
+
+  def diverging(setup, tx):
+    step = real(setup, tx)
+
+    def wrapper(state, batch, cipher):
+      new_state, metrics = step(state, batch, cipher)
+      if int(state.step) == 2:  # The third step.
+        metrics = {**metrics, "train_loss": metrics["train_loss"] * np.nan}
+      return new_state, metrics
+
+    return wrapper
+
+  monkeypatch.setattr(train, "make_train_step", diverging)
+  config = tiny_config(num_train_steps=6, log_every_steps=100, eval_every_steps=100,
+                       checkpoint_every_steps=2)
+  with pytest.raises(TrainingDivergedError) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(e.value)
+  assert "\n" not in message
+  assert "loss nan" in message and "at step 3 (last finite loss " in message
+  assert message.split("last finite loss ")[1].split(" at step ")[1].startswith("2)")
+  # Step 3 was checked before the checkpoint of step 4 could be written.
+  assert train.checkpoint_manager(str(tmp_path)).latest_step() == 2
+
+
 def test_gradient_accumulation_matches_one_big_batch():
-  """ViT has no batch statistics: 4 micro-batches give the same update as one batch."""
+  """ViT has no batch statistics: 4 micro-batches give the same update as one batch.
+
+  Plain SGD with lr 1 and no clipping, so that the update *is* the gradient: AdamW's
+  first step (about lr * sign(gradient)) and global-norm clipping would hide a gradient
+  of the wrong scale (a sum of the micro-batches' instead of their mean).
+  """
   from etcjax.data import pipeline
   states = []
   for accum in (1, 4):
-    config = tiny_config(model="ViT-tiny-test", grad_accum_steps=accum)
+    config = tiny_config(model="ViT-tiny-test", grad_accum_steps=accum, optimizer="sgd",
+                         momentum=0.0, learning_rate=1.0, grad_clip_norm=0.0,
+                         weight_decay=0.0, schedule="constant")
     setup = train.build(config)
     tx = train.make_optimizer(config)
     order = pipeline.TrainOrder(len(setup.train_images), config.batch_size, config.seed)
     batch = next(pipeline.train_batches(setup.train_images, order, 0, 1))
+    init = train.init_state(setup, tx)
+    before = jax.device_get(init.params)
     state, metrics = train.make_train_step(setup, tx)(
-        train.init_state(setup, tx), pipeline.to_global(batch, setup.mesh), setup.cipher)
-    states.append((jax.device_get(state.params), float(metrics["train_loss"])))
-  (one, loss_one), (acc, loss_acc) = states
+        init, pipeline.to_global(batch, setup.mesh), setup.cipher)
+    update = jax.tree.map(np.subtract, jax.device_get(state.params), before)
+    states.append((update, float(metrics["train_loss"]), float(metrics["grad_norm"])))
+  (one, loss_one, norm_one), (acc, loss_acc, norm_acc) = states
   assert loss_one == pytest.approx(loss_acc, rel=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one, acc)
+  assert norm_one == pytest.approx(norm_acc, rel=1e-4) and norm_one > 0
+  scale = max(float(np.abs(u).max()) for u in jax.tree.leaves(one))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale),
+               one, acc)
 
 
 @pytest.mark.slow  # bfloat16 compiles slowly on CPU.
