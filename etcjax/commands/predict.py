@@ -432,7 +432,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
   from etcjax import keys
   from etcjax.models import adapt, vit
-  run = load_run(args.workdir)
+  run = load_run(args.workdir, variables=False)
   name = run.config.model
   why = adapt.no_exact_adaptation_reason(name)
   if why is not None:
@@ -456,6 +456,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     schedule = key.schedule(size, size, block)
   if keys.keyspace_bits(size, size, block) < keys.MIN_KEYSPACE_BITS:
     print(f"etcjax: warning: {keys.keyspace_message(size, size, block)}", file=sys.stderr)
+  restore_variables(run)
   try:
     _, variables = adapt.adapt_to_key(name, run.variables, schedule,
                                       num_classes=len(run.class_names), **overrides)
