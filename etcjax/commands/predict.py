@@ -347,7 +347,7 @@ def _probabilities_fn(name: str, num_classes: int, dtype: str, overrides: str, s
 
   from etcjax import models
   from etcjax.data import augment
-  model = models.create(name, num_classes, dtype=dtype, **json.loads(overrides))
+  model = models.create(name, num_classes, **{"dtype": dtype, **json.loads(overrides)})
   preprocess = models.preprocess(name)
 
   @jax.jit
