@@ -57,12 +57,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from etcjax.kernels import depthwise_pallas
 from etcjax.models import activations, depthwise_cpu
 
 Array = jax.Array
 
 INPUT_RANGE = (-1.0, 1.0)
-DEPTHWISE_IMPLS = ("auto", "conv", "shift", "shift_scan", "ffi")
+DEPTHWISE_IMPLS = ("auto", "conv", "shift", "shift_scan", "ffi", "pallas")
 LAYOUTS = ("auto", "NHWC", "CNHW")
 
 
@@ -295,8 +296,22 @@ def depthwise_ffi(x: Array, kernel: Array, layout: str = "NHWC") -> Array:
   return depthwise_cpu.depthwise_cnhw(x, kernel)
 
 
+def depthwise_pallas_kernels(x: Array, kernel: Array, layout: str = "NHWC") -> Array:
+  """Depthwise conv as etcjax's Pallas kernels (`etcjax.kernels.depthwise_pallas.depthwise`).
+
+  Triton on GPUs, Mosaic on TPUs and Pallas interpret mode on CPU, picked per lowering
+  platform (`lax.platform_dependent`), not per call. NHWC at heart: CNHW inputs are
+  transposed there and back. Reverse-mode differentiable.
+  """
+  if layout == "NHWC":
+    return depthwise_pallas.depthwise(x, kernel)
+  out = depthwise_pallas.depthwise(jnp.transpose(x, (1, 2, 3, 0)), kernel)
+  return jnp.transpose(out, (3, 0, 1, 2))
+
+
 DEPTHWISE_FUNCTIONS = {"conv": depthwise_conv, "shift": depthwise_shift,
-                       "shift_scan": depthwise_shift_scan, "ffi": depthwise_ffi}
+                       "shift_scan": depthwise_shift_scan, "ffi": depthwise_ffi,
+                       "pallas": depthwise_pallas_kernels}
 
 
 def _on_cpu() -> bool:
