@@ -153,10 +153,11 @@ def collect_inputs(inputs: list[str]) -> list[Item]:
       found = []
       for root, dirs, files in os.walk(inp):
         dirs.sort()
+        rel_root = os.path.relpath(root, inp)  # once per folder, not per file
         for f in sorted(files):
           if f.lower().endswith(codec.IMAGE_EXTENSIONS) and not f.startswith(".tmp-"):
-            path = os.path.join(root, f)
-            found.append(Item(path, os.path.relpath(path, inp)))
+            found.append(Item(os.path.join(root, f),
+                              f if rel_root == "." else os.path.join(rel_root, f)))
       if not found:
         raise UserError(f"{inp}: folder holds no image files "
                         f"({', '.join(codec.IMAGE_EXTENSIONS)})")
@@ -168,19 +169,18 @@ def collect_inputs(inputs: list[str]) -> list[Item]:
   return items
 
 
-def _output_path(out_dir: str, rel: str, fmt: str) -> str:
-  return os.path.join(out_dir, os.path.splitext(rel)[0] + codec.EXTENSIONS[fmt])
-
-
-def _plan_outputs(items: list[Item], out_dir: str, fmt: str) -> list[tuple[Item, str]]:
+def _plan_outputs(items: list[Item], out_dir: str, fmt: str) -> list[tuple[Item, str, str]]:
+  """(item, output path, output path relative to `out_dir`) per item; refuses collisions."""
   seen: dict[str, str] = {}
   plan = []
+  ext = codec.EXTENSIONS[fmt]
   for it in items:
-    dst = _output_path(out_dir, it.rel, fmt)
+    rel = os.path.splitext(it.rel)[0] + ext
+    dst = os.path.join(out_dir, rel)
     if dst in seen:
       raise UserError(f"{it.src} and {seen[dst]} would both be written to {dst}")
     seen[dst] = it.src
-    plan.append((it, dst))
+    plan.append((it, dst, rel))
   return plan
 
 
@@ -442,7 +442,7 @@ def cmd_encrypt(args: argparse.Namespace) -> int:
                       f"{manifest['fingerprint']} and block size {manifest['block_size']}; "
                       "choose another --out")
     files = dict(manifest["files"])
-  tasks = [Task(it.src, dst, b, os.path.relpath(dst, args.out)) for it, dst in plan]
+  tasks = [Task(it.src, dst, b, rel) for it, dst, rel in plan]
   notes = _GeometryNotes()
 
   def record(results: list) -> None:
@@ -506,7 +506,7 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
 
 
 def _decrypt_tasks(args: argparse.Namespace, key: keys.EtcKey,
-                   plan: list[tuple[Item, str]]) -> list[Task]:
+                   plan: list[tuple[Item, str, str]]) -> list[Task]:
   """The block size of every input from its manifest; refuses manifests of other keys."""
   # A folder input's manifest lives at its top; a file's next to it (or in a parent
   # folder when the file sits in a sub-folder of an encrypted tree).
@@ -515,18 +515,23 @@ def _decrypt_tasks(args: argparse.Namespace, key: keys.EtcKey,
     if os.path.isdir(inp):
       tops[os.path.abspath(inp)] = read_manifest(inp)
   mcache: dict = {}
+  by_dir: dict = {}  # input folder -> (manifest, its folder)
   checked: set = set()
   warned_missing = False
   tasks = []
-  for it, dst in plan:
-    doc, folder = None, None
-    src = os.path.abspath(it.src)
-    for top, tdoc in tops.items():
-      if tdoc is not None and src.startswith(top + os.sep):
-        doc, folder = tdoc, top
-        break
-    if folder is None:
-      doc, folder = _manifest_for(it.src, mcache)
+  for it, dst, rel in plan:
+    src_dir = os.path.dirname(it.src)
+    if src_dir not in by_dir:
+      doc, folder = None, None
+      src = os.path.abspath(it.src)
+      for top, tdoc in tops.items():
+        if tdoc is not None and src.startswith(top + os.sep):
+          doc, folder = tdoc, top
+          break
+      if folder is None:
+        doc, folder = _manifest_for(it.src, mcache)
+      by_dir[src_dir] = doc, folder
+    doc, folder = by_dir[src_dir]
     if doc is not None:
       if folder not in checked:
         _check_manifest_key(doc, folder, key, args.key)
@@ -541,7 +546,7 @@ def _decrypt_tasks(args: argparse.Namespace, key: keys.EtcKey,
         _err(f"warning: no {MANIFEST_NAME} next to {it.src}: cannot check the key; assuming "
              f"block size {b}")
         warned_missing = True
-    tasks.append(Task(it.src, dst, b, os.path.relpath(dst, args.out)))
+    tasks.append(Task(it.src, dst, b, rel))
   return tasks
 
 
