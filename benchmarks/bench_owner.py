@@ -1,6 +1,7 @@
 """Owner tools on a folder: `etcjax encrypt` / `decrypt` / `compress-stats` vs a naive loop.
 
     python benchmarks/bench_owner.py FOLDER [--limit N] [--rounds 2] [--jobs N] [--out F]
+                                     [--stats-limit N] [--auto-decoder]
 
 FOLDER is a tree of images, e.g. the CIFAR-10 test split (10,000 32x32 JPEGs); it is only
 read. Everything is written to a temporary folder on the filesystem of --tmp (default the
@@ -13,8 +14,8 @@ that start-up is included:
 * `etcjax encrypt --format jpeg --quality 85` with `--jobs 1` (no workers), `--jobs N`
   (forked worker processes, the default) and `--jobs N` with `ETCJAX_POOL=thread`.
 * `etcjax decrypt` of that output (JPEG in, JPEG QF 85 out, `--jpeg-decoder pillow`), the
-  naive loop over the same encrypted files, and once with the default decoder
-  (`auto`: TensorFlow's non-fancy JPEG decoder).
+  naive loop over the same encrypted files, and with --auto-decoder once with the default
+  decoder (`auto`: TensorFlow's non-fancy JPEG decoder).
 * `etcjax compress-stats` on the first --stats-limit files, `--jobs 1` vs `--jobs N`.
 * start-up: wall time of `etcjax --help` and `etcjax keygen` (best and median of 5), and
   whether JAX / TensorFlow / etcjax.attacks were imported.
@@ -219,6 +220,8 @@ def main() -> None:
   ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
   ap.add_argument("--tmp", default=None, help="folder for the outputs (default: system temp)")
   ap.add_argument("--out", default=None, help="JSON results file")
+  ap.add_argument("--auto-decoder", action="store_true",
+                  help="also time decrypt with the default JPEG decoder (TensorFlow)")
   args = ap.parse_args()
   date = datetime.datetime.now(datetime.UTC)
   out_path = args.out or os.path.join(ROOT, "benchmarks", "results",
@@ -268,11 +271,12 @@ def main() -> None:
         times[name].append(timed(make(o), e, name))
         print(f"  round {r} {name}: {times[name][-1]:.2f} s", flush=True)
         shutil.rmtree(o)
-    o = os.path.join(tmp, "dec_auto")
-    name = f"decrypt_jobs{j}_auto_decoder"
-    times[name] = [timed(etcjax_cmd("decrypt", *dec, encrypted, "--out", o, "--jobs", j), env,
-                         name)]
-    shutil.rmtree(o)
+    if args.auto_decoder:
+      o = os.path.join(tmp, "dec_auto")
+      name = f"decrypt_jobs{j}_auto_decoder"
+      times[name] = [timed(etcjax_cmd("decrypt", *dec, encrypted, "--out", o, "--jobs", j),
+                           env, name)]
+      shutil.rmtree(o)
     # The parallel outputs are the bytes of the one-worker outputs.
     for name in ("encrypt_jobs1", f"encrypt_jobs{j}_process"):
       o = os.path.join(tmp, f"check_{name}")
