@@ -12,11 +12,19 @@
    patch embeddings side by side, and the owner-side numbers.
 
 On a quiet 2-core CPU the demo takes about 2 minutes and reaches 99.2 % (ConvMixer,
-plain), 98.6-98.9 % (ConvMixer, EtC; each run makes a fresh key) and 97.5 % (ResNet, EtC)
+plain), 98.6-98.9 % (ConvMixer, EtC; depending on the key) and 97.5 % (ResNet, EtC)
 test accuracy; the
 ResNet learns EtC digits more slowly (54 % vs 85 % after 45 steps) but this easy task
 does not separate the final accuracies. `--tiny` runs every stage for a few steps
 (tests); `--owner-only` just step 1.
+
+Running it again into the same folder reuses DIR/owner.key (the owner's key: the runs
+were trained with it) and resumes each run from its last checkpoint, so a finished demo
+is redone in seconds and an interrupted one continues where it stopped. A run folder made
+with other settings (`--tiny` or not, another key) is started again from scratch.
+Delete DIR for a fresh key and fresh runs. Bad input (an unreadable or loosely
+permissioned owner.key, an --out that is a file) prints one line `etcjax: error: ...`
+and exits with status 2.
 """
 
 from __future__ import annotations
@@ -24,12 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import warnings
 
 import numpy as np
 
 from etcjax import codec, etc, fileio, keys, samples, xla_cpu
+from etcjax.errors import UserError
 
 REPORT_NAME = "owner_roundtrip"
 
@@ -38,6 +48,9 @@ def run_owner_roundtrip(out_dir: str, quality: int = 85, block_size: int = 16,
                         photos: list[str] | None = None,
                         size: tuple[int, int] | None = None) -> dict:
   """Runs the owner-side round trip and writes the report files into `out_dir`.
+
+  The key is `out_dir/owner.key` if that file exists (an earlier run's: the demo's
+  training runs were made with it), else a new one saved there (mode 0600).
 
   Args:
     out_dir: folder for the report, figure, JSON and key (created).
@@ -50,11 +63,21 @@ def run_owner_roundtrip(out_dir: str, quality: int = 85, block_size: int = 16,
     {"key_fingerprint", "quality", "block_size", "jpeg_decoder", "images": [per-photo
     dict], "totals": {...}, "report": path, "figure": path, "json": path, "key": path}.
     PSNRs are in dB against the original photo.
+
+  Raises:
+    UserError: `out_dir` cannot be made, or an existing owner.key cannot be read (or is
+      readable by other users).
   """
-  os.makedirs(out_dir, exist_ok=True)
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot make the output folder {out_dir}: {e.strerror or e}") from None
   key_path = os.path.join(out_dir, "owner.key")
-  key = keys.EtcKey.generate()
-  key.save(key_path, overwrite=True)
+  if os.path.lexists(key_path):
+    key = keys.EtcKey.load(key_path)
+  else:
+    key = keys.EtcKey.generate()
+    key.save(key_path)
   imgs = samples.load_all(size=size, multiple=block_size, which=photos)
   decoder = "nofancy" if codec.nofancy_available() else "pillow"
   rows, figure_rows = [], []
@@ -235,8 +258,44 @@ def _key_section(check: dict, label: str) -> str:
       "must be an error rather than a silently useless model."])
 
 
+def _prepare_workdir(workdir: str, config, fingerprint: str | None) -> int:
+  """Makes `workdir` ready for `config`: the step to resume from (0 = a fresh start).
+
+  A folder whose `config.json` records another config or key (an earlier run with or
+  without `--tiny`, or before owner.key was replaced) is removed, so the run starts
+  again instead of failing (another key) or continuing a run of other settings.
+  """
+  record = os.path.join(workdir, "config.json")
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(workdir):
+    return 0
+  try:
+    with open(record) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    old = None
+  def comparable(rec):  # The key file's path may differ (a moved folder), not its key.
+    if not isinstance(rec, dict) or not isinstance(rec.get("config"), dict):
+      return None
+    return {**rec, "config": {**rec["config"], "key_file": ""}}
+
+  want = {"config": json.loads(config.to_json()), "encryption": config.encryption,
+          "key_fingerprint": fingerprint}
+  if comparable(old) != comparable(want):
+    if old is not None or os.path.isdir(checkpoints):
+      print(f"  {workdir} holds a run of other settings: starting it again", flush=True)
+    shutil.rmtree(workdir)
+    return 0
+  steps = [int(n) for n in os.listdir(checkpoints) if n.isdigit()] \
+      if os.path.isdir(checkpoints) else []
+  return max(steps, default=0)
+
+
 def run_training_demo(out_dir: str, tiny: bool = False) -> dict:
-  """Runs the whole demo (module docstring) into `out_dir`; returns paths and numbers."""
+  """Runs the whole demo (module docstring) into `out_dir`; returns paths and numbers.
+
+  Into a folder of an earlier demo: reuses its owner.key and resumes its runs.
+  """
   from etcjax import report, train
   photos = {"photos": ["chelsea", "coffee"], "size": (64, 96)} if tiny else {}
   print("owner side: key, EtC, JPEG round trip on bundled photos ...", flush=True)
@@ -244,8 +303,12 @@ def run_training_demo(out_dir: str, tiny: bool = False) -> dict:
   runs = []
   for label, folder, tokens in DEMO_RUNS:
     config = _demo_config(tokens, owner["key"], tiny)
-    print(f"training {label}: {config.model}, {config.num_train_steps} steps ...", flush=True)
     workdir = os.path.join(out_dir, "runs", folder)
+    fingerprint = owner["key_fingerprint"] if config.encryption != "none" else None
+    start = _prepare_workdir(workdir, config, fingerprint)
+    resume = f" (resuming at step {start})" if start else ""
+    print(f"training {label}: {config.model}, {config.num_train_steps} steps{resume} ...",
+          flush=True)
     result = train.train_and_evaluate(config, workdir)
     print(f"  test accuracy {100 * result['eval_accuracy']:.2f} %", flush=True)
     runs.append(report.Run.load(workdir, label))
@@ -284,6 +347,17 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
                  help="resize-and-crop every photo to H x W (default: native size)")
   args = p.parse_args(argv)
+  try:
+    return _run(args)
+  except (UserError, ValueError, OSError) as e:
+    print(f"etcjax: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("etcjax: interrupted (run the demo again to resume)", file=sys.stderr)
+    return 130
+
+
+def _run(args: argparse.Namespace) -> int:
   if not args.owner_only:
     xla_cpu.keep_freed_memory()  # On CPU unless ETCJAX_KEEP_FREED_MEMORY=0 (etcjax.xla_cpu).
     r = run_training_demo(args.out, tiny=args.tiny)
