@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from etcjax import etc, keys  # noqa: E402
+from etcjax import etc, fileio, keys  # noqa: E402
 
 TARGET_COPY_FRACTION = 0.25
 TARGET_LOOP_SPEEDUP = 15.0
@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                  help="images per round for the (slow) loop baseline")
   p.add_argument("--json", help="also write the figures to this file")
   args = p.parse_args(argv)
+  if args.json:
+    folder = os.path.dirname(os.path.abspath(args.json))
+    if os.path.isdir(args.json) or not os.access(folder, os.W_OK | os.X_OK):
+      # Before minutes of measuring, not after (a re-run simply replaces the file).
+      p.error(f"--json {args.json}: cannot write a file there")
 
   n, size = args.batch, args.size
   with warnings.catch_warnings():
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{fig / loop:.1f}x the loop (target >= {TARGET_LOOP_SPEEDUP:.0f}x: "
         f"{'met' if ok_loop else 'NOT met'})")
   if args.json:
-    with open(args.json, "w") as f:
+    with fileio.atomic_write(args.json, "w") as f:
       json.dump({"batch": n, "size": size, "block_size": args.block_size, "path": path,
                  "img_per_s": best,
                  "load_average": os.getloadavg()[0],

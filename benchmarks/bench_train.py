@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                       "script works)")
   parser.add_argument("--only", choices=("steps", "pipeline"), default=None)
   args = parser.parse_args(argv)
+  folder = os.path.dirname(os.path.abspath(args.out))
+  if os.path.isdir(args.out) or not os.access(folder, os.W_OK | os.X_OK):
+    # Before minutes of measuring, not after (a re-run simply replaces the file).
+    parser.error(f"--out {args.out}: cannot write a file there")
   kept = xla_cpu.keep_freed_memory()  # As training does (on CPU unless the env var is 0).
   device = jax.devices()[0]
   print(f"{jax.device_count()} x {device.device_kind} ({jax.default_backend()}), "

@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="peak TFLOP/s per device for MFU, if the device is not in the table")
   parser.add_argument("--only", default="", help="comma-separated substrings of case names")
   args = parser.parse_args(argv)
+  folder = os.path.dirname(os.path.abspath(args.out))
+  if os.path.isdir(args.out) or not os.access(folder, os.W_OK | os.X_OK):
+    # Before minutes of measuring, not after (a re-run simply replaces the file).
+    parser.error(f"--out {args.out}: cannot write a file there")
   args.steps = args.steps or (2 if args.smoke else 10)
   args.warmup = min(args.warmup, 1) if args.smoke else args.warmup
   backend = jax.default_backend()
