@@ -6,9 +6,9 @@ r"""ResNet-18 (CIFAR stem) on CIFAR-10: the non-isotropic baseline, plain or enc
 Variants: "plain" (default), "etc" (EtC, block 16), "pe" (pixel-wise encryption of
 Sirichotedumrong et al. 2019, via `etcjax.schemes`), "jpegNN".
 
-Recipe (`etcjax.config.resnet_recipe`): the standard CIFAR ResNet training (SGD momentum 0.9, lr 0.1, weight decay
-5e-4, batch 128, 200 epochs with cosine decay; random resized crops and flips on plain
-images).
+Recipe (`etcjax.config.resnet_recipe`): the standard CIFAR ResNet training (SGD momentum
+0.9, lr 0.1, weight decay 5e-4, batch 128, 200 epochs with cosine decay; random resized
+crops and flips on plain images).
 
 Targets (top-1, test set; Table II): plain 95.53 %, PE 91.33 %. The paper reports no
 EtC figure for ResNet-18: block scrambling breaks its convolutional structure, which is

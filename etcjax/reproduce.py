@@ -337,7 +337,7 @@ def device_description() -> str:
 
 def _load_results(path: str, budget: str, data: str) -> dict[str, Any]:
   if not os.path.isfile(path):
-    return {"version": RESULTS_VERSION, "budget": budget, "data": os.path.abspath(data),
+    return {"version": RESULTS_VERSION, "budget": budget, "data": data,
             "rows": {}, "skipped": {}}
   try:
     with open(path) as f:
