@@ -31,57 +31,49 @@ def _f32(a):
   return np.asarray(a.astype(jnp.float32))
 
 
-@pytest.mark.parametrize("shape,k,tiling,dtype", [
+@pytest.mark.parametrize("shape,k,tiling,dtype,with_bias", [
     # Odd sizes; C=12 is 1.5 channel tiles, H=7 1.75 row tiles, W=9 pads to 16 columns.
-    ((2, 7, 9, 12), 5, TRITON_SMALL, jnp.float32),
+    ((2, 7, 9, 12), 5, TRITON_SMALL, jnp.float32, True),
     # Even sizes, k=7, the TPU tiling (all 20 channels in one lane tile, W padded to 8).
-    ((1, 8, 6, 20), 7, MOSAIC, jnp.float32),
+    ((1, 8, 6, 20), 7, MOSAIC, jnp.float32, True),
     # k=9 (ConvMixer's) wider than the 5x5 image; `depthwise`'s per-platform tiling.
-    ((3, 5, 5, 8), 9, None, jnp.float32),
-    # Even k: the extra padding pixel goes after, as XLA "SAME" does.
-    ((2, 6, 5, 16), 4, TRITON_SMALL, jnp.float32),
-    # More than one 128-lane tile, the last one partial.
-    ((1, 3, 4, 130), 3, MOSAIC, jnp.float32),
-    # bfloat16 activations, kernel and bias (float32 accumulation inside).
-    ((2, 8, 8, 24), 5, TRITON_SMALL, jnp.bfloat16),
+    ((1, 5, 5, 8), 9, None, jnp.float32, True),
+    # bfloat16 activations, kernel and bias (float32 accumulation inside); an even k, whose
+    # extra padding pixel goes after, as XLA's "SAME" puts it; three channel tiles.
+    ((2, 6, 5, 24), 4, TRITON_SMALL, jnp.bfloat16, True),
+    # More than one 128-lane tile, the last one partial; no bias.
+    ((1, 3, 4, 130), 3, MOSAIC, jnp.float32, False),
 ])
-def test_forward_and_gradients_equal_grouped_conv(shape, k, tiling, dtype):
+def test_forward_and_gradients_equal_grouped_conv(shape, k, tiling, dtype, with_bias):
   keys = jax.random.split(jax.random.key(0), 4)
   c = shape[-1]
   x = jax.random.normal(keys[0], shape).astype(dtype)
   w = (jax.random.normal(keys[1], (k, k, 1, c)) / k).astype(dtype)
-  b = jax.random.normal(keys[2], (c,)).astype(dtype)
+  b = jax.random.normal(keys[2], (c,)).astype(dtype) if with_bias else None
   g = jax.random.normal(keys[3], shape)
   fn = dp.depthwise if tiling is None else dp.make_depthwise(tiling)
   out, grads = _value_and_grads(fn, x, w, b, g)
   # The reference in float32 from the same (possibly bf16-rounded) inputs.
-  ref_out, ref_grads = _value_and_grads(dp.reference, *(a.astype(jnp.float32) for a in
-                                                        (x, w, b)), g)
+  f32 = lambda a: None if a is None else a.astype(jnp.float32)
+  ref_out, ref_grads = _value_and_grads(dp.reference, f32(x), f32(w), f32(b), g)
   assert out.shape == shape and out.dtype == dtype
-  for got, want in zip(grads, (x, w, b), strict=True):
+  if not with_bias:
+    assert grads[2] is None
+    grads, ref_grads, b = grads[:2], ref_grads[:2], None
+  for got, want in zip(grads, (x, w, b), strict=False):
     assert got.shape == want.shape and got.dtype == want.dtype
-  if dtype == jnp.float32:
-    tol = dict(rtol=1e-5, atol=1e-5)
-  else:  # one bf16 rounding of the result (8 bits of mantissa), relative to its size
-    tol = dict(rtol=2e-2, atol=2e-2 * float(jnp.abs(ref_out).max()))
-  np.testing.assert_allclose(_f32(out), _f32(ref_out), **tol)
-  for got, want in zip(grads, ref_grads, strict=True):
+  rtol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: one rounding, 8 bits of mantissa
+  for got, want in zip((out, *grads), (ref_out, *ref_grads), strict=True):
     scale = float(jnp.abs(want).max())
-    t = tol if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2 * scale)
-    np.testing.assert_allclose(_f32(got), _f32(want), rtol=t["rtol"],
-                               atol=max(t["atol"], 1e-5 * scale))
+    np.testing.assert_allclose(_f32(got), _f32(want), rtol=rtol, atol=rtol * scale)
 
 
-def test_without_bias_and_shape_errors():
-  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 8))
-  w = jax.random.normal(jax.random.key(1), (3, 3, 1, 8))
-  fn = dp.make_depthwise(TRITON_SMALL)
-  np.testing.assert_allclose(jax.jit(fn)(x, w), dp.reference(x, w), rtol=1e-5, atol=1e-5)
-  dw = jax.jit(jax.grad(lambda w: jnp.sum(fn(x, w) ** 2)))(w)
-  ref = jax.grad(lambda w: jnp.sum(dp.reference(x, w) ** 2))(w)
-  np.testing.assert_allclose(dw, ref, rtol=1e-4, atol=1e-4)
+def test_shape_errors():
+  x = jnp.zeros((1, 4, 4, 8))
   with pytest.raises(ValueError, match=r"\(k, k, 1, C\)"):
-    fn(x, w[:, :, :, :4])
+    dp.depthwise(x, jnp.zeros((3, 3, 1, 4)))
+  with pytest.raises(ValueError, match=r"\(k, k, 1, C\)"):
+    dp.depthwise(x[0], jnp.zeros((3, 3, 1, 8)))
 
 
 def test_tiling_rules():
@@ -100,7 +92,8 @@ def test_convmixer_with_pallas_equals_the_grouped_conv():
   """Logits, BatchNorm statistics and every parameter gradient of a training step."""
   x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1, maxval=1)
   labels = jnp.arange(2) % 4
-  ref_model = models.create("ConvMixer-tiny-test", 4, depthwise_impl="conv", layout="NHWC")
+  ref_model = models.create("ConvMixer-tiny-test", 4, depth=1, depthwise_impl="conv",
+                            layout="NHWC")
   variables = ref_model.init(jax.random.key(0), x)
 
   def step(model):
@@ -112,5 +105,6 @@ def test_convmixer_with_pallas_equals_the_grouped_conv():
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
   want = step(ref_model)
-  got = step(models.create("ConvMixer-tiny-test", 4, depthwise_impl="pallas"))
+  got = step(models.create("ConvMixer-tiny-test", 4, depth=1, depthwise_impl="pallas",
+                          layout="NHWC"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
