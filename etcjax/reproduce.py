@@ -131,11 +131,10 @@ _SMOKE_MODELS = {
 # Epochs of the reduced budgets (ViT: steps, as in the paper's fine-tuning).
 _EPOCHS = {"cpu": 8, "gpu": 3}
 _VIT_STEPS = {"cpu": (100, 200), "gpu": (500, 1000), "smoke": (3, 3)}
-_SHAKEDROP_MODELS = {
-    # budget -> (plain model, adaptation model for le / ele / etc); registered by
-    # etcjax.models once the adaptation networks exist.
-    "paper": ("PyramidNet272-ShakeDrop", "Adapt-PyramidNet272-ShakeDrop"),
-}
+# (Adaptation network +) Shake-PyramidNet per budget (`etcjax.models.pyramidnet`): the
+# paper's PyramidNet-110 (alpha 270), PyramidNet-26 (alpha 48) for the reduced budgets.
+_SHAKEDROP_MODELS = {"paper": "ShakePyramidNet-110_270", "gpu": "ShakePyramidNet-26_48",
+                     "cpu": "ShakePyramidNet-26_48", "smoke": "ShakePyramidNet-tiny-test"}
 
 
 def select_rows(spec: str) -> tuple[list[Row], bool]:
@@ -197,11 +196,9 @@ def _model_for(row: Row, budget: str) -> tuple[str, dict[str, Any], str] | str:
   """(registry name, overrides, label) of the row's model, or why it cannot run."""
   from etcjax import models
   if row.group == "shakedrop":
-    names = _SHAKEDROP_MODELS.get(budget, _SHAKEDROP_MODELS["paper"])
-    name = names[0] if row.scheme == "none" else names[1]
+    name = _SHAKEDROP_MODELS[budget] + ("" if row.scheme == "none" else "-BlockAdapt")
     if name not in models.names():
-      return ("needs the adaptation-network and PyramidNet-ShakeDrop models "
-              f"({name} is not registered in etcjax.models)")
+      return f"needs the model {name}, not registered in etcjax.models"
     return name, {}, name
   if budget == "smoke":
     return _SMOKE_MODELS[row.group]
@@ -238,14 +235,14 @@ def row_config(row: Row, budget: str, *, data: str, out: str, key_file: str,
   elif row.group == "vit":
     c = config_lib.vit_finetune_recipe(tokens)
     c.init_from = init_from
+  elif row.group == "resnet":
+    c = config_lib.resnet_recipe(tokens, train_examples=num_train)
   else:
-    # ResNet-18 and the ShakeDrop rows share the CIFAR ResNet recipe; the block-wise
-    # schemes of the adaptation networks (LE, ELE) use 4x4 blocks, as in Table II.
-    c = config_lib.resnet_recipe(tokens - {"le", "ele"}, train_examples=num_train)
-    if row.group == "shakedrop":
-      c.block_size = 4
-    if row.scheme in ("le", "ele"):
-      c.encryption, c.augment = row.scheme, "none"
+    # Madono et al.'s recipe: 4x4 blocks, the block-wise adaptation network for LE, ELE
+    # and EtC. JPEG in the loop encrypts on host, so no plain-image augmentation there.
+    c = config_lib.shakedrop_recipe(tokens, train_examples=num_train)
+    if row.jpeg_quality:
+      c.augment = "none"
   if row.group != "vit":
     c.image_size = 32
   c.dataset = f"folder:{os.path.abspath(data)}"
