@@ -58,3 +58,43 @@ def test_gpu_suite_script_is_shellcheck_clean_and_needs_an_output_folder():
   assert r.returncode == 0, r.stdout + r.stderr
   r = subprocess.run(["bash", SUITE], capture_output=True, text=True, timeout=60, check=False)
   assert r.returncode != 0 and "usage: gpu_suite.sh OUTDIR" in r.stderr
+
+
+PROFILE = os.path.join(os.path.dirname(SCRIPT), "profile_step.py")
+
+
+@pytest.mark.slow
+def test_profile_step_smoke_tables_the_traced_ops(tmp_path):
+  """The tiny ConvMixer step with the Pallas kernels (interpret mode) traced and tabled."""
+  out = tmp_path / "profile"
+  r = subprocess.run(
+      [sys.executable, "-c", _WITHOUT_TENSORFLOW, PROFILE, "--smoke", "--only", "convmixer-256",
+       "--depthwise", "pallas", "--steps", "1", "--out", str(out)],
+      capture_output=True, text=True, timeout=1200, check=False)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  doc = json.loads((out / "profile.json").read_text())
+  [case] = doc["results"]
+  assert case["overrides"]["depthwise_impl"] == "pallas" and doc["smoke"] is True
+  ops = case["summary"]["ops"]
+  assert ops and all(op["ms_per_step"] > 0 for op in ops)
+  # Traced op names are found in the compiled HLO (an opcode), most with model scopes.
+  assert sum(op["kind"] != "?" for op in ops) >= len(ops) // 2
+  assert any("ConvMixer" in op["scope"] for op in ops)
+  table = (out / "profile.md").read_text()
+  assert "| # | op | ms/step |" in table and "depthwise=pallas" in table
+  assert list(out.glob("*.hlo.txt.gz"))
+
+
+@pytest.mark.slow
+def test_kernel_check_smoke(tmp_path):
+  """`python -m etcjax.kernels.check --smoke`: correctness on CPU, then a timing row each."""
+  from etcjax.kernels import check
+
+  out = tmp_path / "check.json"
+  assert check.main(["--smoke", "--out", str(out), "--impls", "pallas,conv",
+                     "--sweep", "8x4"]) == 0
+  doc = json.loads(out.read_text())
+  assert doc["all_ok"] and len(doc["checks"]) == 4
+  assert {t["impl"] for t in doc["timings"]} == {
+      "pallas triton c32 h8 nb4 w4 interpret", "pallas triton c8 h4 nb4 w4 interpret", "conv"}
+  assert all(t["fwd_bwd_ms_median"] > 0 for t in doc["timings"])
