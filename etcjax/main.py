@@ -77,10 +77,14 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Drops INFO chatter of orbax (a dozen lines per checkpoint); keeps its warnings."""
+  """Drops INFO chatter of orbax (a dozen lines per checkpoint); keeps its warnings and
+  errors, without their tracebacks (a failed save reaches the user as one error line)."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= py_logging.WARNING
 
 
 def setup_logging() -> None:

@@ -535,10 +535,13 @@ def _makedirs(path: str) -> None:
 def _write_json(path: str, doc: dict[str, Any]) -> None:
   if jax.process_index() == 0:
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-    if _is_url(path):
-      epath.Path(path).write_text(text)  # Objects are replaced whole: never half-written.
-    else:
-      fileio.write_text(path, text)
+    try:
+      if _is_url(path):
+        epath.Path(path).write_text(text)  # Objects are replaced whole: never half-written.
+      else:
+        fileio.write_text(path, text)
+    except OSError as e:
+      raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _metrics_doc(setup: Setup, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -673,8 +676,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         meta = {"history": history, "model": config.model, "dataset": setup.dataset.name,
                 "step": step, "class_names": list(setup.dataset.class_names),
                 **config_record(config, setup)}
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)))
+        try:  # Raises what went wrong with the previous (async) save, if anything.
+          manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)))
+        except Exception as e:
+          raise _save_failed(manager, e) from e
       if preempted:
         break
   finally:
@@ -682,11 +688,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Also on Ctrl-C / errors: let in-flight async saves finish, so the last checkpoint
     # is complete and a restart resumes from it.
     batches.close()
-    manager.wait_until_finished()
+    try:
+      manager.wait_until_finished()
+    except Exception as e:
+      raise _save_failed(manager, e) from e
     writer.flush()
   doc = {**_metrics_doc(setup, history), "preempted": preempted}
   _write_json(os.path.join(workdir, "metrics.json"), doc)
   return doc
+
+
+def _save_failed(manager: ocp.CheckpointManager, error: Exception) -> UserError:
+  """A one-line error for a checkpoint that could not be written (a full disk, ...).
+
+  orbax writes a checkpoint into a temporary folder and renames it when complete, so the
+  earlier checkpoints are intact and a restart resumes from the last of them.
+  """
+  detail = " ".join(f"{type(error).__name__}: {error}".split())
+  if len(detail) > 300:  # The cause (e.g. "No space left on device") is at the end.
+    detail = f"{detail[:120]} ... {detail[-170:]}"
+  latest = manager.latest_step()
+  return UserError(f"writing a checkpoint to {manager.directory} failed ({detail}); "
+                   + (f"the last complete checkpoint is step {latest}: make room, then run "
+                      f"again to resume from it" if latest is not None else
+                      "no checkpoint is complete yet"))
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, setup: Setup, workdir: str

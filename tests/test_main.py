@@ -36,6 +36,12 @@ def test_etcjax_train_then_eval(tmp_path, capsys):
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out["eval_accuracy"] == pytest.approx(doc["eval_accuracy"])
   assert json.loads((tmp_path / "run" / "eval.json").read_text())["step"] == 2
+  # Again into the same workdir: the finished run is resumed at its end, and stays as it was.
+  assert cli.main(["train", "--config", f"{DEMO}:tiny", "--workdir", workdir,
+                   "--config.num_train_steps=2", "--config.model_overrides.dim=16"]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+  assert json.loads((tmp_path / "run" / "metrics.json").read_text())["history"] == \
+      doc["history"]
 
 
 def test_etcjax_train_errors_are_one_line(tmp_path, capsys):
@@ -75,4 +81,11 @@ def test_python_m_main_trains(tmp_path):
   proc = run_main(f"--config={DEMO}:tiny", f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "ETA" in proc.stderr and "train_loss=" in proc.stderr
-  assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 4
+  doc = json.loads((tmp_path / "metrics.json").read_text())
+  assert doc["step"] == 4
+  # Run again into the same workdir: resumes the finished run, trains no further step.
+  proc = run_main(f"--config={DEMO}:tiny", f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resumed from the checkpoint at step 4" in proc.stderr
+  assert "train_loss=" not in proc.stderr
+  assert json.loads((tmp_path / "metrics.json").read_text())["history"] == doc["history"]

@@ -136,6 +136,33 @@ def test_damaged_checkpoint_is_a_one_line_error(etc_run, tmp_path):
   assert train.evaluate(config, str(copy))["step"] == 4
 
 
+def test_a_failed_checkpoint_write_is_a_one_line_error(tmp_path, monkeypatch):
+  """What orbax raises when the disk is full (docs/reliability.md has the real run on a
+  full tmpfs): one line naming the cause and the last complete checkpoint."""
+  real = train.checkpoint_manager
+
+  def failing(workdir, config=None):
+    manager = real(workdir, config)
+    save = manager.save
+
+    def save_or_fail(step, *args, **kwargs):
+      if step == 4:
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing \"w/0\" in OCDBT database at "
+                         "local file \"...\": Failed to write 10366 bytes to file 4: No "
+                         "space left on device [os_error_code='28']")
+      return save(step, *args, **kwargs)
+
+    manager.save = save_or_fail
+    return manager
+
+  monkeypatch.setattr(train, "checkpoint_manager", failing)
+  with pytest.raises(UserError, match=r"writing a checkpoint to .* failed \(ValueError: "
+                     r".*No space left on device.*\); the last complete checkpoint is step "
+                     r"2: make room, then run again") as e:
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert "\n" not in str(e.value)
+
+
 def test_evaluate_without_checkpoint(tmp_path):
   with pytest.raises(UserError, match="no checkpoint"):
     train.evaluate(tiny_config(), str(tmp_path))
