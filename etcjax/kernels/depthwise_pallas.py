@@ -13,7 +13,7 @@ Three kernels, one `jax.custom_vjp`:
   TC channels, `(Ho + k - 1, Wo + k - 1, TC)`, as its input block (the same block for every
   row tile of that image and channel tile, so on TPU it is copied into VMEM once, halo
   included), and writes a `(TH, Wo, TC)` output tile as k*k shifted multiply-adds of that
-  block in float32.
+  block in float32 (a loop over the k kernel rows, the k columns unrolled).
 * input gradient: the same kernel applied to the output gradient with the kernel rotated by
   180 degrees and the padding mirrored.
 * kernel (and bias) gradient: grid `(N / NB, C / TC)`; a program sums
@@ -154,11 +154,14 @@ def _forward_kernel(x_ref, w_ref, b_ref, o_ref, *, k: int, th: int, wo: int) -> 
   """x_ref `(Ho + k - 1, Wo + k - 1, TC)`, w_ref `(k, k, TC)` f32, b_ref `(1, TC)` f32,
   o_ref `(TH, Wo, TC)`: one output tile, accumulated in float32."""
   r0 = pl.multiple_of(pl.program_id(2) * th, th)
-  acc = jnp.zeros(o_ref.shape, jnp.float32) + b_ref[...]
-  for i in range(k):
+
+  def kernel_row(i: Array, acc: Array) -> Array:  # a loop over rows, k columns unrolled
     for j in range(k):
       window = x_ref[pl.ds(r0 + i, th), pl.ds(j, wo), :].astype(jnp.float32)
       acc = acc + window * w_ref[i, pl.ds(j, 1), :]
+    return acc
+
+  acc = lax.fori_loop(0, k, kernel_row, jnp.zeros(o_ref.shape, jnp.float32) + b_ref[...])
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
