@@ -365,7 +365,8 @@ depthwise.__doc__ = ("Depthwise conv `(x (N, H, W, C), kernel (k, k, 1, C), bias
 
 
 def reference(x: Array, kernel: Array, bias: Array | None = None) -> Array:
-  """The same function with XLA's grouped convolution (`feature_group_count = C`).
+  """The same function with XLA's grouped convolution (`feature_group_count = C`), at full
+  float32 precision (no TF32 on GPUs), the reference for tests and `check`.
 
   Args:
     x: `(N, H, W, C)`.
@@ -379,7 +380,7 @@ def reference(x: Array, kernel: Array, bias: Array | None = None) -> Array:
   out = lax.conv_general_dilated(
       x, kernel, window_strides=(1, 1), padding=(_same_padding(k), _same_padding(k)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=kernel.shape[-1],
-      preferred_element_type=jnp.float32)
+      precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
   if bias is not None:
     out = out + bias.astype(jnp.float32)
   return out.astype(x.dtype)
