@@ -359,4 +359,7 @@ def shakedrop_recipe(tokens: set[str], train_examples: int) -> ml_collections.Co
   for t in tokens:
     if t.startswith("jpeg"):
       c.jpeg_quality = int(t[4:])
+  if c.jpeg_quality and c.encryption != "none":
+    # JPEG in the loop encrypts once on host, before the device could crop the plain image.
+    c.augment = "none"
   return c

@@ -239,10 +239,8 @@ def row_config(row: Row, budget: str, *, data: str, out: str, key_file: str,
     c = config_lib.resnet_recipe(tokens, train_examples=num_train)
   else:
     # Madono et al.'s recipe: 4x4 blocks, the block-wise adaptation network for LE, ELE
-    # and EtC. JPEG in the loop encrypts on host, so no plain-image augmentation there.
+    # and EtC.
     c = config_lib.shakedrop_recipe(tokens, train_examples=num_train)
-    if row.jpeg_quality:
-      c.augment = "none"
   if row.group != "vit":
     c.image_size = 32
   c.dataset = f"folder:{os.path.abspath(data)}"

@@ -31,7 +31,7 @@ SETUPS = [
     ("convmixer_cifar10", "etc,jpeg80"),
     ("convmixer_imagenette", "plain"), ("convmixer_imagenette", "etc"),
     ("resnet18_cifar10", "plain"), ("resnet18_cifar10", "etc"), ("resnet18_cifar10", "pe"),
-    ("shakedrop_cifar10", "plain"), ("shakedrop_cifar10", "ele"),
+    ("shakedrop_cifar10", "plain"),
     ("shakedrop_cifar10", "etc,jpeg80"),
     ("demo", "plain"), ("demo", "etc"), ("demo", "etc,resnet"), ("demo", "etc,tiny"),
 ]
