@@ -240,6 +240,23 @@ def convmixer_recipe(tokens: set[str], train_examples: int) -> ml_collections.Co
   return c
 
 
+def _cifar_sgd(c: ml_collections.ConfigDict, batch_size: int, epochs: int,
+               train_examples: int) -> None:
+  """The CIFAR CNN recipe both baselines share: SGD momentum 0.9, lr 0.1, weight decay
+  5e-4, cosine decay without warm-up or clipping, random resized crops (>= 0.75) + flips."""
+  c.optimizer = "sgd"
+  c.momentum = 0.9
+  c.learning_rate = 0.1
+  c.weight_decay = 5e-4
+  c.schedule = "warmup_cosine"
+  c.warmup_steps = 0
+  c.grad_clip_norm = 0.0
+  c.batch_size = batch_size
+  c.num_train_steps = epochs * train_examples // batch_size
+  c.augment = "flip_crop"
+  c.crop_scale_min = 0.75
+
+
 def resnet_recipe(tokens: set[str], train_examples: int) -> ml_collections.ConfigDict:
   """The standard CIFAR ResNet-18 training, the paper's non-isotropic baseline.
 
@@ -251,17 +268,7 @@ def resnet_recipe(tokens: set[str], train_examples: int) -> ml_collections.Confi
   c = base_config()
   c.block_size = 16
   c.model = "ResNet18-cifar"
-  c.optimizer = "sgd"
-  c.momentum = 0.9
-  c.learning_rate = 0.1
-  c.weight_decay = 5e-4
-  c.schedule = "warmup_cosine"
-  c.warmup_steps = 0
-  c.grad_clip_norm = 0.0
-  c.batch_size = 128
-  c.num_train_steps = 200 * train_examples // 128
-  c.augment = "flip_crop"
-  c.crop_scale_min = 0.75
+  _cifar_sgd(c, batch_size=128, epochs=200, train_examples=train_examples)
   c.log_every_steps = 200
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 5000
@@ -342,17 +349,7 @@ def shakedrop_recipe(tokens: set[str], train_examples: int) -> ml_collections.Co
   c.block_size = 4
   c.model = "ShakePyramidNet-110_270" if c.encryption == "none" else \
       "ShakePyramidNet-110_270-BlockAdapt"
-  c.optimizer = "sgd"
-  c.momentum = 0.9
-  c.learning_rate = 0.1
-  c.weight_decay = 5e-4
-  c.schedule = "warmup_cosine"
-  c.warmup_steps = 0
-  c.grad_clip_norm = 0.0
-  c.batch_size = 512
-  c.num_train_steps = 300 * train_examples // 512
-  c.augment = "flip_crop"
-  c.crop_scale_min = 0.75
+  _cifar_sgd(c, batch_size=512, epochs=300, train_examples=train_examples)
   c.log_every_steps = 100
   c.eval_every_steps = 2000
   c.checkpoint_every_steps = 2000
